@@ -1,0 +1,4 @@
+"""fedsynth.client: the hospital side (Flower ClientApp, local trainer, privacy engine wiring).
+
+Imports ``common`` only, never ``server``.
+"""

@@ -1,0 +1,501 @@
+"""Configuration of a whole fedsynth run: data, model, training, privacy, federation, simulation.
+
+A run's configuration is built in layers, each overriding the one before:
+
+1. the field defaults below (Zhu et al. 2017 CycleGAN values where the paper fixes them);
+2. a preset (``cpu-small``, ``gpu-paper``; TOML files shipped in ``common/presets/``);
+3. a TOML file (``--config run.toml``), which may itself name a preset (``preset = "cpu-small"``);
+4. environment variables ``FEDSYNTH_<SECTION>__<FIELD>`` (``FEDSYNTH_TRAINING__LR=1e-4``);
+5. command-line overrides ``--set section.field=value``.
+
+Every value remembers where it came from, so an invalid one fails with its dotted name, the value
+found, where it was found and what is allowed. :func:`write_resolved_config` writes the final
+configuration beside a run's outputs, marking what differs from the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic.functional_validators import AfterValidator
+
+from common.io import atomic_write_text
+from common.modalities import Direction
+
+ENV_PREFIX = "FEDSYNTH_"
+ENV_NESTED = "__"
+RESOLVED_CONFIG_NAME = "config.resolved.toml"
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _check_direction(value: str) -> str:
+    return str(Direction.parse(value))
+
+
+DirectionStr = Annotated[str, AfterValidator(_check_direction)]
+
+
+def _check_device(value: str) -> str:
+    text = value.strip().lower()
+    if text in ("auto", "cpu", "cuda", "mps"):
+        return text
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return text
+    raise ValueError("must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:<index>'")
+
+
+DeviceStr = Annotated[str, AfterValidator(_check_device)]
+
+Misalignment = Literal["none", "slight", "moderate", "severe"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class DataConfig(_Section):
+    """Where a site's scans are and how they become 2D training slices."""
+
+    direction: DirectionStr = Field("T1w->T2w", description="Synthesis direction A->B.")
+    spacing_mm: tuple[float, float, float] = Field(
+        (1.0, 1.0, 1.0), description="Voxel spacing (mm, RAS order) every volume is resampled to."
+    )
+    image_size: int = Field(256, ge=16, le=1024, description="Height = width of model slices.")
+    min_foreground: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Axial slices with less foreground are not used."
+    )
+    percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="Intensities at these foreground percentiles map to -1 and 1."
+    )
+    ct_window_hu: tuple[float, float] = Field(
+        (-1024.0, 2048.0), description="CT: this Hounsfield window maps to [-1, 1]."
+    )
+    misalignment: Misalignment = Field(
+        "none", description="Random affine applied to domain B slices (see common.data.misalign)."
+    )
+    paired: bool = Field(
+        False, description="Draw A and B from the same subject and slice (evaluation only)."
+    )
+    skip_bad: bool = Field(False, description="Skip unreadable or invalid scans with a warning.")
+    cache_dir: Path | None = Field(
+        None, description="Preprocessed-slice cache; default: <run or state dir>/cache."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if any(s <= 0 for s in self.spacing_mm):
+            raise ValueError(f"spacing_mm must be positive in every axis, found {self.spacing_mm}")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, found {lo}, {hi}")
+        if self.ct_window_hu[0] >= self.ct_window_hu[1]:
+            raise ValueError(
+                f"ct_window_hu must be (low, high) with low < high, found {self.ct_window_hu}"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """Networks (CycleGAN generators and discriminators; Zhu et al. 2017 names in comments)."""
+
+    generator: Literal["resnet", "unet"] = "resnet"
+    ngf: int = Field(64, ge=4, le=512, description="Generator filters in the first layer.")
+    n_blocks: int = Field(9, ge=1, le=32, description="Residual blocks (ResNet generator).")
+    ndf: int = Field(64, ge=4, le=512, description="Discriminator filters in the first layer.")
+    d_layers: int = Field(3, ge=1, le=6, description="PatchGAN layers (3 gives 70x70 patches).")
+
+
+class TrainingConfig(_Section):
+    """Local training at one site (the same trainer serves federated and baseline runs)."""
+
+    device: DeviceStr = "auto"
+    seed: int = 0
+    batch_size: int = Field(1, ge=1, le=1024)
+    lr: float = Field(2e-4, gt=0.0, lt=1.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    epochs: int = Field(200, ge=1, description="Total epochs (constant lr, then linear decay).")
+    decay_epochs: int = Field(100, ge=0, description="Final epochs over which lr decays to 0.")
+    gan_loss: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
+    lambda_cycle: float = Field(10.0, ge=0.0)
+    lambda_identity: float = Field(5.0, ge=0.0)
+    registration: bool = Field(False, description="RegGAN correction loss for misaligned data.")
+    lambda_registration: float = Field(20.0, ge=0.0)
+    lambda_smooth: float = Field(10.0, ge=0.0)
+    pool_size: int = Field(50, ge=0, description="Fake-image pool (0 = off; forced off under DP).")
+    max_grad_norm: float | None = Field(
+        None, gt=0.0, description="Per-network gradient-norm clipping without DP (None = off)."
+    )
+    bf16: bool = Field(False, description="bfloat16 autocast on CUDA.")
+    num_workers: int = Field(0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.decay_epochs > self.epochs:
+            raise ValueError(
+                f"decay_epochs ({self.decay_epochs}) cannot exceed epochs ({self.epochs})"
+            )
+        return self
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: DP-SGD per example at each site, or client-level DP."""
+
+    enabled: bool = False
+    level: Literal["example", "site"] = "example"
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clipping bound.")
+    accountant: Literal["rdp", "prv"] = "prv"
+    budget_epsilon: float | None = Field(
+        None, gt=0.0, description="A site refuses to train once its epsilon would exceed this."
+    )
+    on_budget_exhausted: Literal["continue", "stop"] = Field(
+        "continue", description="Server behaviour when a site has spent its budget."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("set either noise_multiplier or target_epsilon, not both")
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("privacy.enabled needs noise_multiplier or target_epsilon")
+        return self
+
+
+class FederationConfig(_Section):
+    """Rounds, aggregation and what is shared between sites and the coordinator."""
+
+    rounds: int = Field(10, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="Overrides local_epochs when set.")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"] = (
+        "fedavg"
+    )
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight.")
+    share: Literal["generators", "all"] = "generators"
+    min_sites: int = Field(2, ge=1, description="A round needs at least this many valid updates.")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_update_norm: float | None = Field(None, gt=0.0)
+
+
+class SimulationConfig(_Section):
+    """Simulated consortium on one machine (phantom or real sites)."""
+
+    num_sites: int = Field(4, ge=1, le=1000)
+    subjects: list[int] = Field(default_factory=lambda: [12, 6, 3, 1])
+    phantom_voxel_mm: float = Field(1.0, gt=0.0, le=8.0)
+    seed: int = 0
+    cpus_per_site: float = Field(1.0, gt=0.0)
+    gpus_per_site: float = Field(0.0, ge=0.0, le=1.0)
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(self.subjects) != self.num_sites:
+            raise ValueError(
+                f"subjects lists {len(self.subjects)} sites but num_sites is {self.num_sites}"
+            )
+        if any(n < 1 for n in self.subjects):
+            raise ValueError(f"every site needs at least one subject, found {self.subjects}")
+        return self
+
+
+class RunConfig(_Section):
+    """Everything a run needs; written beside its outputs as ``config.resolved.toml``."""
+
+    name: str = Field("fedsynth", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    preset: str | None = None
+    output_dir: Path = Path("runs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Dotted key -> where its value came from, for every value not left at its default."""
+        return dict(self._sources)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One invalid value: where it is, what was found, where it came from, what is allowed."""
+
+    key: str
+    found: Any
+    allowed: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        origin = f" (from {self.source})" if self.source else ""
+        return f"{self.key} = {self.found!r}{origin}: {self.allowed}"
+
+
+class ConfigError(ValueError):
+    """Raised for an invalid configuration; lists every problem, one per line."""
+
+    def __init__(self, issues: Sequence[ConfigIssue], context: str = "invalid configuration"):
+        self.issues = list(issues)
+        lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        super().__init__(f"{context}:\n{lines}")
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped with fedsynth."""
+    folder = resources.files("common") / "presets"
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The overrides a preset applies (a nested dict)."""
+    if name not in available_presets():
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "preset", name, f"unknown preset; allowed: {', '.join(available_presets())}"
+                )
+            ]
+        )
+    text = (resources.files("common") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def parse_value(text: str) -> Any:
+    """Interpret a CLI or environment string as a TOML value, falling back to the raw string.
+
+    ``"1e-4"`` -> 0.0001, ``"true"`` -> True, ``"[2, 2, 2]"`` -> [2, 2, 2],
+    ``"cuda:1"`` -> "cuda:1".
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([ConfigIssue(dotted, value, f"'{part}' is a value, not a section")])
+        node = child
+    node[parts[-1]] = value
+
+
+class _Layers:
+    """Merges nested dicts while remembering, per dotted key, which layer set it."""
+
+    def __init__(self) -> None:
+        self.tree: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def add(self, tree: Mapping[str, Any], source: str) -> None:
+        for dotted, value in _flatten(tree):
+            _set_dotted(self.tree, dotted, value)
+            self.sources[dotted] = source
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue("--config", str(path), "file not found")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue("--config", str(path), f"not valid TOML: {exc}")]) from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """``FEDSYNTH_TRAINING__LR=1e-4`` -> ``{"training.lr": ("FEDSYNTH_TRAINING__LR", 1e-4)}``.
+
+    ``FEDSYNTH_CONFIG`` and ``FEDSYNTH_PRESET`` are handled by :func:`load_config` itself.
+    """
+    found: dict[str, tuple[str, Any]] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("FEDSYNTH_CONFIG", "FEDSYNTH_PRESET"):
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace(ENV_NESTED, ".")
+        found[dotted] = (name, parse_value(text))
+    return found
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split a ``section.field=value`` override."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([ConfigIssue("--set", text, "expected section.field=value")])
+    return key.strip(), parse_value(value.strip())
+
+
+def _allowed_fields(loc: Sequence[str | int]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_fields(error["loc"])
+        return "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def validate_layers(tree: Mapping[str, Any], sources: Mapping[str, str]) -> RunConfig:
+    """Validate a merged tree, turning pydantic errors into a :class:`ConfigError`."""
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        issues = []
+        for error in exc.errors():
+            dotted = ".".join(str(p) for p in error["loc"]) or "<root>"
+            # A model-level check reports the section; point at the section's keys' sources.
+            source = sources.get(dotted) or next(
+                (src for key, src in sources.items() if key.startswith(f"{dotted}.")), None
+            )
+            issues.append(ConfigIssue(dotted, error.get("input"), _describe(error), source))
+        raise ConfigError(issues) from None
+    config._sources = dict(sources)
+    return config
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Build a run's configuration from defaults, preset, TOML file, environment and CLI.
+
+    Args:
+        path: A TOML file (``[data]``, ``[training]``, ... tables). ``FEDSYNTH_CONFIG`` is used
+            when not given.
+        preset: A preset name; beats a preset named in the file and ``FEDSYNTH_PRESET``.
+        overrides: ``section.field=value`` strings (``--set``), applied last.
+        environ: Environment to read ``FEDSYNTH_*`` from (default: ``os.environ``).
+
+    Returns:
+        The validated configuration; ``config.sources`` says where each non-default value came from.
+
+    Raises:
+        ConfigError: with every invalid value's dotted name, the value found, its origin and what
+            is allowed.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("FEDSYNTH_CONFIG"):
+        path = Path(environ["FEDSYNTH_CONFIG"])
+    file_tree = _read_toml(path) if path is not None else {}
+
+    chosen = preset or environ.get("FEDSYNTH_PRESET") or file_tree.get("preset")
+    layers = _Layers()
+    if chosen is not None:
+        if not isinstance(chosen, str):
+            raise ConfigError([ConfigIssue("preset", chosen, "must be a preset name (a string)")])
+        layers.add(load_preset(chosen), f"preset {chosen}")
+    if file_tree:
+        layers.add(file_tree, f"file {path}")
+    for dotted, (name, value) in env_overrides(environ).items():
+        _set_dotted(layers.tree, dotted, value)
+        layers.sources[dotted] = f"env {name}"
+    for text in overrides:
+        dotted, value = parse_override(text)
+        _set_dotted(layers.tree, dotted, value)
+        layers.sources[dotted] = f"--set {text}"
+    if chosen is not None:
+        layers.tree["preset"] = chosen
+        layers.sources["preset"] = (
+            "--preset"
+            if preset
+            else ("env FEDSYNTH_PRESET" if environ.get("FEDSYNTH_PRESET") else f"file {path}")
+        )
+    return validate_layers(layers.tree, layers.sources)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _toml_ready(value: Any) -> Any:
+    """Drop ``None`` (TOML has no null: an absent key means the default) and stringify paths."""
+    if isinstance(value, dict):
+        return {k: _toml_ready(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_toml_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def config_differences(config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value, default) for every value that differs from the field defaults."""
+    current = dict(_flatten(config.model_dump(mode="json")))
+    default = dict(_flatten(RunConfig().model_dump(mode="json")))
+    return {k: (v, default.get(k)) for k, v in current.items() if v != default.get(k)}
+
+
+def dumps_config(config: RunConfig) -> str:
+    """The configuration as TOML, headed by comments naming every non-default value's origin."""
+    header = ["# fedsynth resolved configuration: load it with `--config` to repeat this run."]
+    differences = config_differences(config)
+    if differences:
+        header.append("# Differs from the defaults:")
+        for key, (value, default) in differences.items():
+            origin = config.sources.get(key, "derived")
+            header.append(f"#   {key} = {value!r} (default {default!r}; {origin})")
+    body = tomli_w.dumps(_toml_ready(config.model_dump(mode="json")))
+    return "\n".join(header) + "\n\n" + body
+
+
+def write_resolved_config(config: RunConfig, out_dir: Path) -> Path:
+    """Write ``config.resolved.toml`` into ``out_dir`` (atomically) and return its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / RESOLVED_CONFIG_NAME
+    atomic_write_text(target, dumps_config(config))
+    return target

@@ -1,0 +1,76 @@
+"""Shared test helpers: tiny synthetic NIfTI volumes and site folders made inside the test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Contrast of the synthetic "head": (background, outer shell, inner core) per modality.
+CONTRASTS = {
+    "T1w": (0.0, 300.0, 800.0),
+    "T2w": (0.0, 900.0, 400.0),
+    "FLAIR": (0.0, 500.0, 600.0),
+    "PD": (0.0, 700.0, 650.0),
+    "ct": (-1000.0, 1000.0, 35.0),
+}
+
+
+def head_volume(
+    modality: str = "T1w", shape: Sequence[int] = (40, 44, 36), seed: int = 0
+) -> np.ndarray:
+    """An ellipsoidal 'head' with a shell and a core, plus mild noise; (x, y, z) float32."""
+    background, shell, core = CONTRASTS[modality]
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius = np.sqrt(sum((g / r) ** 2 for g, r in zip(grid, (0.8, 0.85, 0.8), strict=True)))
+    volume = np.full(shape, background, dtype=np.float32)
+    volume[radius < 1.0] = shell
+    volume[radius < 0.8] = core
+    rng = np.random.default_rng(seed)
+    volume += rng.normal(0, 5.0, size=volume.shape).astype(np.float32) * (radius < 1.0)
+    return volume
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) * [2, 2, 2, 1] if affine is None else affine), path)
+    return path
+
+
+SiteMaker = Callable[..., Path]
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> SiteMaker:
+    """Build a small BIDS site: ``make_site("site-x", {"sub-01": ["T1w", "T2w"], ...})``."""
+
+    def build(
+        name: str = "site-x",
+        subjects: dict[str, list[str]] | None = None,
+        shape: Sequence[int] = (40, 44, 36),
+    ) -> Path:
+        subjects = subjects or {"sub-01": ["T1w", "T2w"], "sub-02": ["T1w", "T2w"]}
+        root = tmp_path / name
+        for index, (subject, modalities) in enumerate(sorted(subjects.items())):
+            for modality in modalities:
+                stem = f"{subject}_{modality}"
+                save_nifti(
+                    root / subject / "anat" / f"{stem}.nii.gz",
+                    head_volume(modality, shape, seed=index),
+                )
+        return root
+
+    return build
+
+
+def shared_site(*parts: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available at {path}")
+    return path
