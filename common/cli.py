@@ -1,0 +1,244 @@
+"""Command-line pieces both roles use: ``inspect``, ``phantom`` and ``config``.
+
+The ``fedsynth`` command itself is assembled in :mod:`simulations.cli`, the one package allowed
+to import every role.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.config import ConfigError, RunConfig, available_presets, dumps_config, load_config
+from common.data.errors import SiteDataError
+from common.data.inspect import SiteReport, inspect_site
+from common.modalities import Direction, Modality
+
+logger = logging.getLogger(__name__)
+# Pipes and CI logs get a fixed, comfortable width instead of rich's 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 132)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML file with [data], [model], [training], ... tables."),
+]
+PresetOption = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Preset: cpu-small or gpu-paper.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one value: section.field=value (repeatable)."),
+]
+
+
+def resolve_config(
+    config: Path | None, preset: str | None, overrides: list[str] | None
+) -> RunConfig:
+    """Load the configuration or exit with code 2 and the problems, one per line."""
+    try:
+        return load_config(config, preset=preset, overrides=overrides or [])
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _fmt_range(values: tuple[float, float, float, float] | None) -> str:
+    if values is None:
+        return "-"
+    lo, _, _, hi = values
+    return f"{lo:.4g}..{hi:.4g}"
+
+
+def _fmt_directions(directions: list[Direction]) -> list[str]:
+    lines = []
+    for source in Modality:
+        targets = [d.target.value for d in directions if d.source is source]
+        if targets:
+            lines.append(f"  {source.value} -> {', '.join(targets)}")
+    return lines
+
+
+def render_site_report(report: SiteReport) -> None:
+    count = len(report.subjects)
+    table = Table(
+        title=f"{report.root} ({report.layout} layout, {count} subject{'s' if count != 1 else ''})"
+    )
+    for column in ("subject", "modality", "shape", "spacing mm", "orient", "range", "slices"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("status")
+    order = list(Modality)
+    for r in sorted(report.scans, key=lambda r: (r.scan.subject, order.index(r.scan.modality))):
+        subject = r.scan.subject + (f" {r.scan.session}" if r.scan.session else "")
+        shape = "x".join(str(n) for n in r.shape) if r.shape else "-"
+        spacing = "x".join(f"{s:.3g}" for s in r.spacing) if r.spacing else "-"
+        status = "[green]ok[/green]" if r.ok else f"[red]{r.error}[/red]"
+        table.add_row(
+            subject,
+            r.scan.modality.value,
+            shape,
+            spacing,
+            r.axcodes or "-",
+            _fmt_range(r.intensity),
+            str(r.usable_slices) if r.usable_slices is not None else "-",
+            status,
+        )
+    console.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if report.bad:
+        console.print(f"[red]{len(report.bad)} unusable file(s):[/red]")
+        for r in report.bad:
+            console.print(f"  {r.scan.path}: {r.error}", highlight=False)
+    if report.directions:
+        console.print("[bold]Verdict:[/bold] this site can train (unpaired)")
+        for line in _fmt_directions(report.directions):
+            console.print(line, highlight=False)
+        paired = report.paired_directions
+        if paired == report.directions:
+            console.print("and evaluate every one of them on true pairs (co-registered subjects)")
+        elif paired:
+            console.print("and evaluate on true pairs:")
+            for line in _fmt_directions(paired):
+                console.print(line, highlight=False)
+        else:
+            console.print("no subject has two usable modalities: no paired evaluation here")
+    else:
+        console.print(
+            "[bold red]Verdict:[/bold red] this site cannot train any direction "
+            "(it needs two usable modalities)"
+        )
+
+
+def inspect_command(
+    site_dir: Annotated[Path, typer.Argument(help="A hospital's BIDS or plain modality folder.")],
+    direction: Annotated[
+        str | None,
+        typer.Option("--direction", "-d", help="Check one direction, e.g. T1w->T2w."),
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Exit 0 despite unusable files (they are listed).")
+    ] = False,
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Show each scan (shape, spacing, orientation, intensities, usable slices) and a verdict.
+
+    Exit codes: 0 usable; 1 unusable files (without --skip-bad) or the requested direction
+    cannot train; 2 bad arguments.
+    """
+    run = resolve_config(config, preset, overrides)
+    wanted: Direction | None = None
+    if direction is not None:
+        try:
+            wanted = Direction.parse(direction)
+        except ValueError as exc:
+            errors.print(f"error: --direction: {exc}")
+            raise typer.Exit(2) from None
+    try:
+        with console.status("inspecting") as status:
+            report = inspect_site(
+                site_dir,
+                run.data,
+                progress=lambda scan: status.update(f"reading {scan.path.name}"),
+            )
+    except SiteDataError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    render_site_report(report)
+    if wanted is not None and wanted not in report.directions:
+        present = sorted({r.scan.modality.value for r in report.scans if r.ok})
+        errors.print(
+            f"[red]error:[/red] {site_dir} cannot train {wanted}: usable modalities are "
+            f"{', '.join(present) or 'none'}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if report.bad and not skip_bad:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- phantom
+
+
+def _parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, found {text!r}") from None
+    if not counts or any(n < 1 for n in counts):
+        raise typer.BadParameter(f"every site needs at least one subject, found {text!r}")
+    return counts
+
+
+def phantom_command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write site-1 ... site-N into.")],
+    sites: Annotated[int, typer.Option(help="Number of hospitals.", min=1)] = 4,
+    subjects: Annotated[
+        str, typer.Option(help="Subjects per site, comma-separated (one number per site).")
+    ] = "12,6,3,1",
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    voxel_mm: Annotated[
+        float,
+        typer.Option("--voxel-mm", help="Isotropic grid of the anatomy (mm).", min=0.5, max=8),
+    ] = 1.0,
+    modalities: Annotated[
+        str, typer.Option(help="Comma-separated contrasts to write.")
+    ] = "T1w,T2w,FLAIR,PD,ct,pet",
+    lesions: Annotated[bool, typer.Option(help="Add ellipsoid lesions with masks.")] = True,
+) -> None:
+    """Write a consortium of brain-phantom hospitals in BIDS, built from the MNI ICBM152 anatomy.
+
+    Each site has its own scanner (field strength, bias field, noise, intensity scale, slice
+    thickness); ground truth (tissue maps, lesion masks, parameters) goes to derivatives/phantom.
+    """
+    from common.phantom import generate_consortium
+
+    counts = _parse_counts(subjects)
+    if len(counts) != sites:
+        raise typer.BadParameter(f"--subjects lists {len(counts)} sites but --sites is {sites}")
+    try:
+        wanted = [Modality.parse(m) for m in modalities.split(",") if m.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with console.status("building phantom") as status:
+        paths = generate_consortium(
+            out_dir,
+            sites=sites,
+            subjects=counts,
+            seed=seed,
+            modalities=wanted,
+            voxel_size=voxel_mm,
+            lesions=lesions,
+            progress=lambda message: status.update(message),
+        )
+    for path, count in zip(paths, counts, strict=True):
+        console.print(f"wrote {path} ({count} subject{'s' if count > 1 else ''})")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def config_command(
+    config: ConfigOption = None,
+    preset: PresetOption = None,
+    overrides: SetOption = None,
+    list_presets: Annotated[bool, typer.Option("--presets", help="List the presets.")] = False,
+) -> None:
+    """Print the resolved configuration (defaults < preset < file < FEDSYNTH_* env < --set)."""
+    if list_presets:
+        for name in available_presets():
+            console.print(name)
+        return
+    run = resolve_config(config, preset, overrides)
+    console.print(dumps_config(run), markup=False, highlight=False)

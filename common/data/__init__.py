@@ -1,0 +1,37 @@
+"""Site data: discovery, validation, preprocessing, sampling and inspection of a site's scans."""
+
+from common.data.datasets import PairedSlices, UnpairedSlices
+from common.data.discovery import Scan, SiteInventory, discover_site
+from common.data.errors import (
+    BadScansError,
+    EmptySiteError,
+    MissingModalityError,
+    ScanError,
+    SiteDataError,
+)
+from common.data.loading import LoadedScan, read_scan
+from common.data.preprocess import IntensityMapping, SliceCache, SliceStack, preprocess_scan
+from common.data.site import SiteData, Volume, assign_domains, load_site
+
+__all__ = [
+    "BadScansError",
+    "EmptySiteError",
+    "IntensityMapping",
+    "LoadedScan",
+    "MissingModalityError",
+    "PairedSlices",
+    "Scan",
+    "ScanError",
+    "SiteData",
+    "SiteDataError",
+    "SiteInventory",
+    "SliceCache",
+    "SliceStack",
+    "UnpairedSlices",
+    "Volume",
+    "assign_domains",
+    "discover_site",
+    "load_site",
+    "preprocess_scan",
+    "read_scan",
+]

@@ -1,0 +1,126 @@
+"""``fedsynth inspect``: what a site folder holds and which synthesis directions it can train.
+
+For every scan: shape, spacing, orientation codes, intensity range, and how many axial slices
+survive preprocessing at the configured spacing and model size. Unusable files are listed with
+the reason. The verdict names the directions the site can train (both modalities usable) and
+those it can also evaluate with true pairs (a subject with both).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.config import DataConfig
+from common.data.discovery import Scan, discover_site
+from common.data.errors import ScanError
+from common.data.loading import read_scan
+from common.data.preprocess import preprocess_scan
+from common.modalities import Direction, Modality
+
+CLIP_WARNING = 0.02  # warn when more foreground than this falls outside the model's view
+
+
+@dataclass
+class ScanReport:
+    """What inspection found for one scan; ``error`` is set when it is unusable."""
+
+    scan: Scan
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, float, float] | None = None
+    axcodes: str | None = None
+    intensity: tuple[float, float, float, float] | None = None  # min, p1, p99, max
+    usable_slices: int | None = None
+    foreground_clipped: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.usable_slices)
+
+
+@dataclass
+class SiteReport:
+    root: Path
+    layout: str
+    scans: list[ScanReport]
+    directions: list[Direction] = field(default_factory=list)
+    paired_directions: list[Direction] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bad(self) -> list[ScanReport]:
+        return [r for r in self.scans if r.error is not None]
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted({r.scan.subject for r in self.scans})
+
+
+def inspect_scan(scan: Scan, config: DataConfig) -> ScanReport:
+    report = ScanReport(scan)
+    try:
+        loaded = read_scan(scan.path)
+    except ScanError as exc:
+        report.error = exc.reason
+        return report
+    data = loaded.data
+    report.shape = tuple(int(n) for n in data.shape)
+    report.spacing = loaded.zooms
+    report.axcodes = loaded.axcodes
+    p1, p99 = (float(v) for v in np.percentile(data, [1, 99]))
+    report.intensity = (float(data.min()), p1, p99, float(data.max()))
+    stack = preprocess_scan(loaded, scan.modality, config)
+    report.usable_slices = len(stack)
+    report.foreground_clipped = stack.foreground_clipped
+    if len(stack) == 0:
+        report.error = (
+            f"no axial slice has {config.min_foreground:.0%} foreground at "
+            f"{config.image_size} px and {config.spacing_mm} mm"
+        )
+    return report
+
+
+def inspect_site(
+    root: Path, config: DataConfig, progress: Callable[[Scan], None] | None = None
+) -> SiteReport:
+    """Inspect every scan of a site folder.
+
+    Raises:
+        EmptySiteError: the folder holds no scans.
+    """
+    inventory = discover_site(root)
+    reports = []
+    for scan in inventory.scans:
+        if progress is not None:
+            progress(scan)
+        reports.append(inspect_scan(scan, config))
+    site = SiteReport(inventory.root, inventory.layout, reports)
+
+    usable: dict[Modality, set[tuple[str, str | None]]] = {}
+    for r in reports:
+        if r.ok:
+            usable.setdefault(r.scan.modality, set()).add((r.scan.subject, r.scan.session))
+    for source, target in itertools.permutations([m for m in Modality if m in usable], 2):
+        direction = Direction(source, target)
+        site.directions.append(direction)
+        if usable[source] & usable[target]:
+            site.paired_directions.append(direction)
+
+    if len(site.subjects) == 1:
+        site.warnings.append(
+            "one subject only: in unpaired training both domains come from it "
+            "(slices are still drawn independently)"
+        )
+    for r in reports:
+        if r.foreground_clipped is not None and r.foreground_clipped > CLIP_WARNING:
+            site.warnings.append(
+                f"{r.scan.path.name}: {r.foreground_clipped:.1%} of the foreground lies outside "
+                "the "
+                f"model's {config.image_size} px x {config.spacing_mm[0]:g} mm field of view"
+            )
+    return site

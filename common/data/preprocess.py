@@ -1,0 +1,337 @@
+"""Turn one scan into normalised axial slices for the model, with a disk cache.
+
+The recipe (MONAI dictionary transforms, the last three written here):
+
+    read + validate (common.data.loading) -> Orientationd("RAS") -> Spacingd(config spacing)
+    -> HeadMaskd (foreground) -> RobustNormalized (to [-1, 1], mapping kept)
+    -> ResizeWithPadOrCropd (image_size x image_size in-plane, centred on the field of view)
+    -> axial slices whose foreground fraction reaches ``min_foreground``
+
+Intensity scale (documented, and inverted by :meth:`IntensityMapping.to_native`): MR
+volumes map their foreground's ``percentiles`` (default 0.5 and 99.5) linearly to -1 and 1 and
+clip outside; CT maps the fixed Hounsfield window ``ct_window_hu`` (default -1024..2048 HU) to
+-1..1, so HU stay comparable across sites. Co-registered modalities of one subject share the grid
+after preprocessing, so their slice ``z`` indices correspond (paired evaluation relies on it).
+The cache key is the file's content hash plus every preprocessing setting: renaming a file reuses
+the cache, editing it or changing a setting does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, Orientationd, ResizeWithPadOrCropd, Spacingd
+from scipy import ndimage
+
+from common.config import DataConfig
+from common.data.loading import LoadedScan, read_scan
+from common.io import atomic_save
+from common.modalities import Modality
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when the recipe changes: invalidates every cache entry
+
+
+@dataclass(frozen=True)
+class IntensityMapping:
+    """Linear map between native intensities and the model's [-1, 1] scale.
+
+    ``native`` values ``low`` and ``high`` map to -1 and 1; values outside are clipped.
+    """
+
+    low: float
+    high: float
+    kind: str  # "percentile" (MR) or "window" (CT, Hounsfield units)
+
+    def to_model(self, native: np.ndarray) -> np.ndarray:
+        scaled = (np.clip(native, self.low, self.high) - self.low) / (self.high - self.low)
+        return (scaled * 2.0 - 1.0).astype(np.float32)
+
+    def to_native(self, model: np.ndarray) -> np.ndarray:
+        return (self.low + (np.clip(model, -1.0, 1.0) + 1.0) * 0.5 * (self.high - self.low)).astype(
+            np.float32
+        )
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """The usable axial slices of one preprocessed volume.
+
+    Attributes:
+        slices: (n, H, W) float32 in [-1, 1]; H = W = ``image_size``; axes (R, A) after RAS.
+        masks: (n, H, W) bool foreground.
+        z: (n,) index of each slice in the preprocessed volume (comparable across a subject's
+            co-registered modalities).
+        mapping: how to go back to native intensities.
+        affine: the preprocessed volume's voxel-to-world affine (RAS, config spacing).
+        depth: number of axial slices of the preprocessed volume.
+        foreground_clipped: fraction of the foreground that fell outside the model's field of view.
+    """
+
+    slices: np.ndarray
+    masks: np.ndarray
+    z: np.ndarray
+    mapping: IntensityMapping
+    affine: np.ndarray
+    depth: int
+    foreground_clipped: float
+
+    def __len__(self) -> int:
+        return int(self.slices.shape[0])
+
+
+# --------------------------------------------------------------------------- masks and scaling
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximal between-class variance) of a 1D sample."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = hist.astype(np.float64)
+    w0 = np.cumsum(weight)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(weight * centres)
+    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def foreground_mask(volume: np.ndarray, modality: Modality) -> np.ndarray:
+    """Head (or brain, for skull-stripped scans) mask: threshold, largest component, holes filled.
+
+    MR: half of Otsu's threshold on the non-background voxels (keeps dark CSF and bone inside
+    once holes are filled). CT: above -500 HU. PET: a tenth of the 99th percentile.
+    """
+    if modality is Modality.CT:
+        mask = volume > -500.0
+    else:
+        positive = volume[volume > volume.min()]
+        if positive.size == 0:
+            return np.zeros(volume.shape, dtype=bool)
+        if modality is Modality.PET:
+            threshold = 0.1 * float(np.percentile(positive, 99))
+        else:
+            threshold = 0.5 * otsu_threshold(positive)
+        mask = volume > threshold
+    mask = ndimage.binary_opening(mask, iterations=1)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    mask = ndimage.binary_fill_holes(mask)
+    # Fill slice by slice too: a 3D fill leaves open sulci that reach the top of the volume.
+    for z in range(mask.shape[2]):
+        mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+    return np.asarray(mask, dtype=bool)
+
+
+def intensity_mapping(
+    volume: np.ndarray, mask: np.ndarray, modality: Modality, config: DataConfig
+) -> IntensityMapping:
+    if modality is Modality.CT:
+        low, high = config.ct_window_hu
+        return IntensityMapping(float(low), float(high), "window")
+    values = volume[mask] if mask.any() else volume.ravel()
+    low, high = (float(v) for v in np.percentile(values, config.percentiles))
+    if high <= low:
+        high = low + 1.0
+    return IntensityMapping(low, high, "percentile")
+
+
+class LoadScand(MapTransform):
+    """Read and validate a scan (see :func:`read_scan`) into a channel-first MetaTensor."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            source = out[key]
+            scan = source if isinstance(source, LoadedScan) else read_scan(Path(source))
+            out[key] = MetaTensor(
+                torch.from_numpy(scan.data)[None], affine=torch.from_numpy(scan.affine)
+            )
+            out[f"{key}_sha256"] = scan.sha256
+        return out
+
+
+class HeadMaskd(MapTransform):
+    """Add ``mask`` (same shape, 0/1) computed by :func:`foreground_mask` on ``keys``."""
+
+    def __init__(self, keys: str, modality: Modality, mask_key: str = "mask"):
+        super().__init__(keys)
+        self.modality = modality
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            volume = image[0].numpy()
+            mask = foreground_mask(volume, self.modality)
+            out[self.mask_key] = MetaTensor(
+                torch.from_numpy(mask.astype(np.float32))[None], affine=image.affine
+            )
+            out[f"{self.mask_key}_voxels"] = int(mask.sum())
+        return out
+
+
+class RobustNormalized(MapTransform):
+    """Map ``keys`` to [-1, 1] (see module docstring); the mapping goes to ``<key>_mapping``."""
+
+    def __init__(self, keys: str, modality: Modality, config: DataConfig, mask_key: str = "mask"):
+        super().__init__(keys)
+        self.modality = modality
+        self.config = config
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        mask = out[self.mask_key][0].numpy() > 0.5
+        for key in self.key_iterator(out):
+            image = out[key]
+            volume = image[0].numpy()
+            mapping = intensity_mapping(volume, mask, self.modality, self.config)
+            scaled = mapping.to_model(volume)
+            out[key] = MetaTensor(torch.from_numpy(scaled)[None], affine=image.affine)
+            out[f"{key}_mapping"] = mapping
+        return out
+
+
+def build_pipeline(modality: Modality, config: DataConfig) -> Compose:
+    """The preprocessing recipe for one modality (see the module docstring)."""
+    size = (config.image_size, config.image_size, -1)
+    return Compose(
+        [
+            LoadScand(keys="image"),
+            Orientationd(keys="image", axcodes="RAS", labels=None),
+            Spacingd(
+                keys="image", pixdim=config.spacing_mm, mode="bilinear", padding_mode="border"
+            ),
+            HeadMaskd(keys="image", modality=modality),
+            RobustNormalized(keys="image", modality=modality, config=config),
+            ResizeWithPadOrCropd(keys="image", spatial_size=size, mode="constant", value=-1.0),
+            ResizeWithPadOrCropd(keys="mask", spatial_size=size, mode="constant", value=0.0),
+        ]
+    )
+
+
+def cache_key(sha256: str, modality: Modality, config: DataConfig) -> str:
+    settings = {
+        "version": PIPELINE_VERSION,
+        "sha256": sha256,
+        "modality": modality.value,
+        "spacing_mm": list(config.spacing_mm),
+        "image_size": config.image_size,
+        "percentiles": list(config.percentiles),
+        "min_foreground": config.min_foreground,
+        "ct_window_hu": list(config.ct_window_hu),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def preprocess_scan(
+    source: Path | LoadedScan, modality: Modality, config: DataConfig
+) -> SliceStack:
+    """Run the recipe on one file, or on a scan already read (no cache).
+
+    Raises:
+        ScanError: the file is unusable (see :func:`read_scan`).
+    """
+    # Read (and validate) outside the Compose, which would wrap ScanError in a RuntimeError.
+    scan = source if isinstance(source, LoadedScan) else read_scan(Path(source))
+    result = build_pipeline(modality, config)({"image": scan})
+    image: MetaTensor = result["image"]
+    mask_volume = result["mask"][0].numpy() > 0.5
+    volume = image[0].numpy()
+    # Foreground lost to the in-plane crop: compare with the mask before cropping.
+    before = result["mask_voxels"]
+    clipped = 1.0 - float(mask_volume.sum()) / before if before else 0.0
+    fraction = mask_volume.reshape(-1, mask_volume.shape[2]).mean(axis=0)
+    usable = np.flatnonzero(fraction >= config.min_foreground)
+    slices = np.ascontiguousarray(np.moveaxis(volume[:, :, usable], 2, 0), dtype=np.float32)
+    masks = np.ascontiguousarray(np.moveaxis(mask_volume[:, :, usable], 2, 0))
+    return SliceStack(
+        slices=slices,
+        masks=masks,
+        z=usable.astype(np.int64),
+        mapping=result["image_mapping"],
+        affine=np.asarray(image.affine, dtype=np.float64),
+        depth=int(volume.shape[2]),
+        foreground_clipped=max(clipped, 0.0),
+    )
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class SliceCache:
+    """Preprocessed slices on disk, one ``.npz`` per (file content, settings); writes are atomic.
+
+    Args:
+        folder: where entries live; ``None`` disables caching (every call preprocesses).
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder is not None else None
+        self.hits = 0
+        self.misses = 0
+
+    def load(self, path: Path, modality: Modality, config: DataConfig) -> SliceStack:
+        """The slices of ``path``, from the cache when an entry for its content exists."""
+        if self.folder is None:
+            self.misses += 1
+            return preprocess_scan(path, modality, config)
+        from common.data.loading import file_sha256
+
+        entry = self.folder / f"{cache_key(file_sha256(path), modality, config)}.npz"
+        if entry.exists():
+            try:
+                stack = _read_entry(entry)
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("ignoring unreadable cache entry %s (%s); rebuilding", entry, exc)
+            else:
+                self.hits += 1
+                return stack
+        self.misses += 1
+        stack = preprocess_scan(path, modality, config)
+        atomic_save(entry, lambda tmp: _write_entry(tmp, stack))
+        return stack
+
+
+def _write_entry(target: Path, stack: SliceStack) -> None:
+    with target.open("wb") as handle:
+        np.savez(
+            handle,
+            slices=stack.slices,
+            masks=stack.masks,
+            z=stack.z,
+            mapping=np.array([stack.mapping.low, stack.mapping.high]),
+            mapping_kind=np.array(stack.mapping.kind),
+            affine=stack.affine,
+            depth=np.array(stack.depth),
+            foreground_clipped=np.array(stack.foreground_clipped),
+        )
+
+
+def _read_entry(entry: Path) -> SliceStack:
+    with np.load(entry, allow_pickle=False) as archive:
+        low, high = (float(v) for v in archive["mapping"])
+        return SliceStack(
+            slices=archive["slices"],
+            masks=archive["masks"],
+            z=archive["z"],
+            mapping=IntensityMapping(low, high, str(archive["mapping_kind"])),
+            affine=archive["affine"],
+            depth=int(archive["depth"]),
+            foreground_clipped=float(archive["foreground_clipped"]),
+        )

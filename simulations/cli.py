@@ -1,0 +1,59 @@
+"""The ``fedsynth`` command: gathers every role's sub-commands in one place.
+
+Lives in ``simulations`` because it is the one package allowed to import ``common``, ``client``
+and ``server`` alike (the others never import each other).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from common import __version__
+from common.cli import config_command, inspect_command, phantom_command
+
+app = typer.Typer(
+    name="fedsynth",
+    help="Federated cross-modality brain-image synthesis (Flower + Opacus + MONAI).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("inspect")(inspect_command)
+app.command("phantom")(phantom_command)
+app.command("config")(config_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedsynth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logs.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Federated cross-modality brain-image synthesis (Flower + Opacus + MONAI)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=verbose > 1, rich_tracebacks=True)],
+        force=True,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
