@@ -8,9 +8,11 @@ constant, an orientation (qform or sform) and an invertible affine.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,18 +41,11 @@ class LoadedScan:
         return "".join(nib.aff2axcodes(self.affine))
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a file (streamed)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_bytes(path: Path) -> bytes:
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn the operating system's reasons for not reading ``path`` into a :class:`ScanError`."""
     try:
-        return path.read_bytes()
+        yield
     except FileNotFoundError:
         raise ScanError(path, "file not found") from None
     except IsADirectoryError:
@@ -59,6 +54,21 @@ def _read_bytes(path: Path) -> bytes:
         raise ScanError(path, "permission denied: the daemon's user cannot read it") from None
     except OSError as exc:
         raise ScanError(path, f"cannot be read ({exc.strerror or exc})") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file (streamed). Raises ScanError when it cannot be read."""
+    digest = hashlib.sha256()
+    with _readable(path), path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    with _readable(path):
+        return path.read_bytes()
+    raise AssertionError("unreachable")  # pragma: no cover (keeps mypy's return check happy)
 
 
 def _decompress(path: Path, raw: bytes) -> bytes:

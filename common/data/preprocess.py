@@ -33,7 +33,7 @@ from monai.transforms import Compose, MapTransform, Orientationd, ResizeWithPadO
 from scipy import ndimage
 
 from common.config import DataConfig
-from common.data.loading import LoadedScan, read_scan
+from common.data.loading import LoadedScan, file_sha256, read_scan
 from common.io import atomic_save
 from common.modalities import Modality
 
@@ -291,13 +291,11 @@ class SliceCache:
         if self.folder is None:
             self.misses += 1
             return preprocess_scan(path, modality, config)
-        from common.data.loading import file_sha256
-
         entry = self.folder / f"{cache_key(file_sha256(path), modality, config)}.npz"
         if entry.exists():
             try:
                 stack = _read_entry(entry)
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # any damage (empty, truncated, garbage): rebuilding is safe
                 logger.warning("ignoring unreadable cache entry %s (%s); rebuilding", entry, exc)
             else:
                 self.hits += 1
