@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/fedsynth phantom $(DEMO_DIR)/data --sites 4 --subjects 12,6,3,1 --seed 0 --voxel-mm 2
+	$(BIN)/fedsynth phantom $(DEMO_DIR)/data --sites 4 --subjects 12,6,3,1 --seed 0 --voxel-mm 2 --overwrite
 	for site in $(DEMO_DIR)/data/site-*; do \
 		$(BIN)/fedsynth inspect $$site --preset cpu-small --direction 'T1w->T2w' || exit 1; \
 	done

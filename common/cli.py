@@ -196,6 +196,9 @@ def phantom_command(
         str, typer.Option(help="Comma-separated contrasts to write.")
     ] = "T1w,T2w,FLAIR,PD,ct,pet",
     lesions: Annotated[bool, typer.Option(help="Add ellipsoid lesions with masks.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace site folders a previous phantom run wrote (only those).")
+    ] = False,
 ) -> None:
     """Write a consortium of brain-phantom hospitals in BIDS, built from the MNI ICBM152 anatomy.
 
@@ -211,17 +214,22 @@ def phantom_command(
         wanted = [Modality.parse(m) for m in modalities.split(",") if m.strip()]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    with console.status("building phantom") as status:
-        paths = generate_consortium(
-            out_dir,
-            sites=sites,
-            subjects=counts,
-            seed=seed,
-            modalities=wanted,
-            voxel_size=voxel_mm,
-            lesions=lesions,
-            progress=lambda message: status.update(message),
-        )
+    try:
+        with console.status("building phantom") as status:
+            paths = generate_consortium(
+                out_dir,
+                sites=sites,
+                subjects=counts,
+                seed=seed,
+                modalities=wanted,
+                voxel_size=voxel_mm,
+                lesions=lesions,
+                overwrite=overwrite,
+                progress=lambda message: status.update(message),
+            )
+    except (FileExistsError, ValueError) as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     for path, count in zip(paths, counts, strict=True):
         console.print(f"wrote {path} ({count} subject{'s' if count > 1 else ''})")
 
@@ -242,3 +250,95 @@ def config_command(
         return
     run = resolve_config(config, preset, overrides)
     console.print(dumps_config(run), markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------- synthesize / evaluate
+
+
+def synthesize_command(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Source NIfTI volume.")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUTPUT", help="NIfTI to write.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")],
+    modality: Annotated[
+        str | None,
+        typer.Option(help="The input's modality when its file name does not say (BIDS suffix)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.", min=1)] = 16,
+    bf16: Annotated[
+        bool, typer.Option(help="bfloat16 autocast (faster; see BENCHMARKS.md).")
+    ] = False,
+) -> None:
+    """Translate a whole volume with a checkpoint's generator; the output keeps the input's
+    shape, affine and orientation. Intensities: HU for CT, a typical training range for MR."""
+    from common.checkpoint import CheckpointError
+    from common.data.errors import ScanError
+    from common.synthesis import Synthesizer
+
+    try:
+        declared = Modality.parse(modality) if modality else None
+        synthesizer = Synthesizer(checkpoint, device=device, batch_size=batch_size, bf16=bf16)
+        result = synthesizer.synthesize(input_path, output_path, modality=declared)
+    except (CheckpointError, ScanError, ValueError) as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(
+        f"wrote {result.output} ({synthesizer.direction}, {result.slices} slices, "
+        f"{result.seconds:.1f} s; intensities {result.scale.kind} scale "
+        f"{result.scale.low:.4g}..{result.scale.high:.4g})",
+        highlight=False,
+    )
+
+
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")],
+    site: Annotated[Path, typer.Option("--site", help="Site folder with co-registered pairs.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="JSON report (default: <checkpoint>/evaluation-<site>.json)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Paired evaluation per subject and mean: PSNR, SSIM, MAE (whole and foreground), k-space."""
+    from common.checkpoint import CheckpointError
+    from common.evaluation import evaluate_pairs, site_pairs
+    from common.synthesis import Synthesizer
+
+    try:
+        synthesizer = Synthesizer(checkpoint, device=device)
+        data = synthesizer.metadata.data
+        name, pairs = site_pairs(site, data)
+        report = evaluate_pairs(
+            name, str(synthesizer.direction), pairs, synthesizer.translate_slices
+        )
+    except (CheckpointError, SiteDataError, ValueError) as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{name}: {report.direction} on true pairs")
+    columns = [
+        ("PSNR", "psnr", ".2f"),
+        ("PSNR fg", "psnr_masked", ".2f"),
+        ("SSIM", "ssim", ".4f"),
+        ("SSIM fg", "ssim_masked", ".4f"),
+        ("MAE fg", "mae_masked", ".4f"),
+        ("k low", "kspace_low", ".3f"),
+        ("k mid", "kspace_mid", ".3f"),
+        ("k high", "kspace_high", ".3f"),
+    ]
+    table.add_column("subject")
+    table.add_column("slices", justify="right")
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+
+    def row(label: str, slices: str, metrics: dict[str, float]) -> None:
+        table.add_row(
+            label, slices, *(format(metrics.get(k, float("nan")), f) for _, k, f in columns)
+        )
+
+    for subject in report.subjects:
+        row(subject.subject, str(subject.slices), subject.metrics)
+    row("mean", str(sum(s.slices for s in report.subjects)), report.mean)
+    console.print(table)
+    target = out or Path(checkpoint) / f"evaluation-{name}.json"
+    report.write(target)
+    console.print(f"report: {target}")
