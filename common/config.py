@@ -116,6 +116,12 @@ class ModelConfig(_Section):
     n_blocks: int = Field(9, ge=1, le=32, description="Residual blocks (ResNet generator).")
     ndf: int = Field(64, ge=4, le=512, description="Discriminator filters in the first layer.")
     d_layers: int = Field(3, ge=1, le=6, description="PatchGAN layers (3 gives 70x70 patches).")
+    unet_depth: int = Field(
+        6, ge=2, le=8, description="U-Net down-samplings (image_size must divide by 2**depth)."
+    )
+    registration_filters: int = Field(
+        16, ge=4, le=128, description="Filters of the RegGAN registration network R."
+    )
 
 
 class TrainingConfig(_Section):
@@ -132,7 +138,10 @@ class TrainingConfig(_Section):
     gan_loss: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
     lambda_cycle: float = Field(10.0, ge=0.0)
     lambda_identity: float = Field(5.0, ge=0.0)
-    registration: bool = Field(False, description="RegGAN correction loss for misaligned data.")
+    registration: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="RegGAN correction loss; auto = on when data.misalignment is not 'none'.",
+    )
     lambda_registration: float = Field(20.0, ge=0.0)
     lambda_smooth: float = Field(10.0, ge=0.0)
     pool_size: int = Field(50, ge=0, description="Fake-image pool (0 = off; forced off under DP).")
@@ -235,6 +244,13 @@ class RunConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+    @property
+    def registration_enabled(self) -> bool:
+        """Whether R and the correction loss are trained (``training.registration``)."""
+        if self.training.registration == "auto":
+            return self.data.misalignment != "none"
+        return self.training.registration == "on"
 
     @property
     def sources(self) -> dict[str, str]:

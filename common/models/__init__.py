@@ -1,0 +1,35 @@
+"""Networks of fedsynth: CycleGAN generators, PatchGAN discriminators, RegGAN's registration net.
+
+Build them with :func:`define_generator`, :func:`define_discriminator` and
+:func:`define_registration`; every one is Opacus-compatible (DP-SGD) as built.
+"""
+
+from __future__ import annotations
+
+from common.models.discriminators import PatchDiscriminator, patch_receptive_field
+from common.models.factory import (
+    count_parameters,
+    define_discriminator,
+    define_generator,
+    define_registration,
+    init_weights,
+)
+from common.models.generators import ResidualBlock, ResnetGenerator, UnetGenerator
+from common.models.registration import RegistrationNet, flow_to_pixels, identity_grid, warp
+
+__all__ = [
+    "PatchDiscriminator",
+    "RegistrationNet",
+    "ResidualBlock",
+    "ResnetGenerator",
+    "UnetGenerator",
+    "count_parameters",
+    "define_discriminator",
+    "define_generator",
+    "define_registration",
+    "flow_to_pixels",
+    "identity_grid",
+    "init_weights",
+    "patch_receptive_field",
+    "warp",
+]
