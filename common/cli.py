@@ -23,7 +23,7 @@ from common.modalities import Direction, Modality
 logger = logging.getLogger(__name__)
 # Pipes and CI logs get a fixed, comfortable width instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 132)
-errors = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
+errors = Console(stderr=True, soft_wrap=True)  # one line per error: grep-able in logs
 
 ConfigOption = Annotated[
     Path | None,

@@ -12,8 +12,15 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
+from client.cli import train_local_command
 from common import __version__
-from common.cli import config_command, inspect_command, phantom_command
+from common.cli import (
+    config_command,
+    evaluate_command,
+    inspect_command,
+    phantom_command,
+    synthesize_command,
+)
 
 app = typer.Typer(
     name="fedsynth",
@@ -25,6 +32,9 @@ app = typer.Typer(
 app.command("inspect")(inspect_command)
 app.command("phantom")(phantom_command)
 app.command("config")(config_command)
+app.command("train-local")(train_local_command)
+app.command("synthesize")(synthesize_command)
+app.command("evaluate")(evaluate_command)
 
 
 def _version(value: bool) -> None:

@@ -23,7 +23,7 @@ from common.modalities import Direction, Modality
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_BIDS_SUFFIXES = {
+BIDS_SUFFIXES = {
     "T1w": Modality.T1W,
     "T2w": Modality.T2W,
     "FLAIR": Modality.FLAIR,
@@ -135,7 +135,7 @@ def _bids_scans(root: Path) -> list[Scan]:
                     )
                     continue
                 entities, suffix = parsed
-                modality = _BIDS_SUFFIXES.get(suffix)
+                modality = BIDS_SUFFIXES.get(suffix)
                 if modality is None:
                     logger.debug("ignoring %s: suffix %r is not an imaging modality", path, suffix)
                     continue

@@ -30,6 +30,7 @@ class LoadedScan:
     data: np.ndarray
     affine: np.ndarray
     sha256: str
+    header: nib.Nifti1Header | nib.Nifti2Header | None = None
 
     @property
     def zooms(self) -> tuple[float, float, float]:
@@ -165,4 +166,4 @@ def read_scan(path: Path) -> LoadedScan:
         raise ScanError(
             path, "the affine (qform/sform) is missing or singular: voxel positions unknown"
         )
-    return LoadedScan(path=path, data=data, affine=affine, sha256=sha)
+    return LoadedScan(path=path, data=data, affine=affine, sha256=sha, header=header)

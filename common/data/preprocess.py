@@ -239,10 +239,21 @@ def cache_key(sha256: str, modality: Modality, config: DataConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def preprocess_scan(
+@dataclass(frozen=True)
+class PreprocessedVolume:
+    """A whole volume on the model grid: (H, W, D) in [-1, 1], its mask, mapping and affine."""
+
+    volume: np.ndarray
+    mask: np.ndarray
+    mapping: IntensityMapping
+    affine: np.ndarray
+    foreground_clipped: float
+
+
+def preprocess_volume(
     source: Path | LoadedScan, modality: Modality, config: DataConfig
-) -> SliceStack:
-    """Run the recipe on one file, or on a scan already read (no cache).
+) -> PreprocessedVolume:
+    """Run the recipe on one file, or on a scan already read, keeping every axial slice.
 
     Raises:
         ScanError: the file is unusable (see :func:`read_scan`).
@@ -251,23 +262,45 @@ def preprocess_scan(
     scan = source if isinstance(source, LoadedScan) else read_scan(Path(source))
     result = build_pipeline(modality, config)({"image": scan})
     image: MetaTensor = result["image"]
-    mask_volume = result["mask"][0].numpy() > 0.5
-    volume = image[0].numpy()
+    mask = result["mask"][0].numpy() > 0.5
     # Foreground lost to the in-plane crop: compare with the mask before cropping.
     before = result["mask_voxels"]
-    clipped = 1.0 - float(mask_volume.sum()) / before if before else 0.0
-    fraction = mask_volume.reshape(-1, mask_volume.shape[2]).mean(axis=0)
-    usable = np.flatnonzero(fraction >= config.min_foreground)
-    slices = np.ascontiguousarray(np.moveaxis(volume[:, :, usable], 2, 0), dtype=np.float32)
-    masks = np.ascontiguousarray(np.moveaxis(mask_volume[:, :, usable], 2, 0))
+    clipped = 1.0 - float(mask.sum()) / before if before else 0.0
+    return PreprocessedVolume(
+        volume=np.asarray(image[0].numpy(), dtype=np.float32),
+        mask=mask,
+        mapping=result["image_mapping"],
+        affine=np.asarray(image.affine, dtype=np.float64),
+        foreground_clipped=max(clipped, 0.0),
+    )
+
+
+def usable_slices(mask: np.ndarray, min_foreground: float) -> np.ndarray:
+    """Indices of the axial slices of an (H, W, D) mask with enough foreground."""
+    fraction = mask.reshape(-1, mask.shape[2]).mean(axis=0)
+    return np.flatnonzero(fraction >= min_foreground).astype(np.int64)
+
+
+def preprocess_scan(
+    source: Path | LoadedScan, modality: Modality, config: DataConfig
+) -> SliceStack:
+    """Run the recipe on one file, or on a scan already read (no cache); keep usable slices.
+
+    Raises:
+        ScanError: the file is unusable (see :func:`read_scan`).
+    """
+    pre = preprocess_volume(source, modality, config)
+    usable = usable_slices(pre.mask, config.min_foreground)
+    slices = np.ascontiguousarray(np.moveaxis(pre.volume[:, :, usable], 2, 0), dtype=np.float32)
+    masks = np.ascontiguousarray(np.moveaxis(pre.mask[:, :, usable], 2, 0))
     return SliceStack(
         slices=slices,
         masks=masks,
-        z=usable.astype(np.int64),
-        mapping=result["image_mapping"],
-        affine=np.asarray(image.affine, dtype=np.float64),
-        depth=int(volume.shape[2]),
-        foreground_clipped=max(clipped, 0.0),
+        z=usable,
+        mapping=pre.mapping,
+        affine=pre.affine,
+        depth=int(pre.volume.shape[2]),
+        foreground_clipped=pre.foreground_clipped,
     )
 
 

@@ -1,0 +1,508 @@
+"""Local CycleGAN training at one site: the object the federated client and both baselines share.
+
+:class:`CycleGANTrainer` owns the four CycleGAN networks (G_AB, G_BA, D_A, D_B; Zhu et al. 2017
+call them G, F, D_Y, D_X) and, when the data is misaligned, the RegGAN registration network R
+(Kong et al. 2021), each with its own Adam optimiser and learning-rate schedule. One optimiser per
+network keeps two later needs simple: per-network gradient clipping and per-network Opacus
+wrapping (every network that sees a real image gets its own private optimiser).
+
+Design constraints that make the same code run under DP-SGD later:
+
+* discriminators are "frozen" during the generator update by a context that, for an Opacus
+  ``GradSampleModule``, disables its hooks (so the generator's backward does not accumulate
+  per-sample gradients in D) and otherwise turns off ``requires_grad`` (saving work);
+* gradients are cleared with ``set_to_none=True`` right before each network's own backward;
+* every loss is a mean over batch and pixels (Opacus' ``loss_reduction="mean"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from torch.optim import Adam
+from torch.optim.lr_scheduler import LambdaLR
+
+from common.config import ModelConfig, TrainingConfig
+from common.device import resolve_device
+from common.losses import (
+    cycle_loss,
+    discriminator_loss,
+    generator_adversarial_loss,
+    identity_loss,
+    registration_correction_loss,
+    smoothness_loss,
+)
+from common.models import (
+    define_discriminator,
+    define_generator,
+    define_registration,
+    flow_to_pixels,
+    init_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class ImagePool:
+    """History of generated images (Shrivastava et al. 2017), as used by CycleGAN.
+
+    With probability 1/2 a query returns a stored older fake (and stores the new one in its place),
+    otherwise the new fake; the discriminator thus sees a history, which damps oscillation.
+    ``size == 0`` turns the pool off. The pool mixes images across steps, so it is forced off under
+    differential privacy.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+        self.rng = random.Random(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            image = image.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif self.rng.random() < 0.5:
+                index = self.rng.randrange(self.size)
+                out.append(self.images[index].clone())
+                self.images[index] = image.clone()
+            else:
+                out.append(image)
+        return torch.cat(out, dim=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "images": [t.cpu() for t in self.images],
+            "rng": self.rng.getstate(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self.size = int(state["size"])
+        self.images = [t.to(device) for t in state["images"]]
+        self.rng.setstate(_as_random_state(state["rng"]))
+
+
+def _as_random_state(value: Any) -> tuple[Any, ...]:
+    """``random.Random.getstate()`` survives torch.save as nested tuples/lists; restore tuples."""
+    version, internal, gauss = value
+    return (int(version), tuple(int(v) for v in internal), gauss)
+
+
+def linear_decay(total_epochs: int, decay_epochs: int) -> Any:
+    """Learning-rate factor per epoch: 1 for the first epochs, then linearly down towards 0.
+
+    As in Zhu et al.: constant for ``total - decay`` epochs, then ``1 - (e - start + 1) / (decay
+    + 1)`` so the last epoch still learns a little.
+    """
+    start = total_epochs - decay_epochs
+
+    def factor(epoch: int) -> float:
+        if decay_epochs == 0 or epoch < start:
+            return 1.0
+        return max(0.0, 1.0 - (epoch - start + 1) / (decay_epochs + 1))
+
+    return factor
+
+
+class CycleGANTrainer:
+    """CycleGAN (optionally with RegGAN's registration-corrected loss) at one site.
+
+    Args:
+        model: network configuration.
+        training: optimisation configuration (seed, lr, loss weights, clipping, device, bf16).
+        image_size: slice height and width.
+        registration: train R and use the correction loss (default: ``training.registration ==
+            "on"``; callers with the whole run configuration pass ``registration_enabled``).
+        device: override ``training.device``.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        training: TrainingConfig,
+        image_size: int,
+        *,
+        registration: bool | None = None,
+        device: str | torch.device | None = None,
+    ):
+        self.model_config = model
+        self.config = training
+        self.image_size = image_size
+        self.registration = training.registration == "on" if registration is None else registration
+        self.device = resolve_device(device if device is not None else training.device)
+        self.use_bf16 = bool(training.bf16 and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed slice size: let cuDNN pick kernels
+
+        torch.manual_seed(training.seed)
+        self.nets: dict[str, nn.Module] = {
+            "g_ab": define_generator(model, image_size),
+            "g_ba": define_generator(model, image_size),
+            "d_a": define_discriminator(model),
+            "d_b": define_discriminator(model),
+        }
+        if self.registration:
+            self.nets["r"] = define_registration(model)
+        for offset, (name, net) in enumerate(self.nets.items()):
+            if name != "r":  # R keeps its zero-initialised last layer (identity at start)
+                init_weights(net, seed=training.seed + offset)
+            net.to(self.device)
+
+        betas = (training.beta1, training.beta2)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
+            name: Adam(net.parameters(), lr=training.lr, betas=betas)
+            for name, net in self.nets.items()
+        }
+        schedule = linear_decay(training.epochs, training.decay_epochs)
+        self.schedulers = {
+            name: LambdaLR(opt, lr_lambda=schedule) for name, opt in self.optimizers.items()
+        }
+        self.pools = {
+            "a": ImagePool(training.pool_size, seed=training.seed),
+            "b": ImagePool(training.pool_size, seed=training.seed + 1),
+        }
+        self.step = 0
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def g_ab(self) -> nn.Module:
+        return self.nets["g_ab"]
+
+    @property
+    def g_ba(self) -> nn.Module:
+        return self.nets["g_ba"]
+
+    def generators(self) -> dict[str, nn.Module]:
+        """The networks a federation shares (G_AB and G_BA)."""
+        return {"g_ab": self.nets["g_ab"], "g_ba": self.nets["g_ba"]}
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizers["g_ab"].param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ training
+
+    @contextlib.contextmanager
+    def _frozen(self, *names: str) -> Iterator[None]:
+        """Keep the named networks' parameters out of the current backward pass."""
+        modules = [self.nets[n] for n in names]
+        hooked = [m for m in modules if hasattr(m, "disable_hooks")]
+        plain = [m for m in modules if not hasattr(m, "disable_hooks")]
+        for m in hooked:
+            m.disable_hooks()  # type: ignore[operator]
+        for m in plain:
+            m.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for m in hooked:
+                m.enable_hooks()  # type: ignore[operator]
+            for m in plain:
+                m.requires_grad_(True)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _clip_and_step(self, names: Iterable[str], metrics: dict[str, float]) -> None:
+        for name in names:
+            net = self.nets[name]
+            if self.config.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.config.max_grad_norm)
+                metrics[f"grad_norm_{name}"] = float(norm)
+            self.optimizers[name].step()
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One CycleGAN update of the generators (and R), then of both discriminators."""
+        cfg = self.config
+        real_a = batch["a"].to(self.device, non_blocking=True)
+        real_b = batch["b"].to(self.device, non_blocking=True)
+        for net in self.nets.values():
+            net.train()
+        generator_names = ["g_ab", "g_ba"] + (["r"] if self.registration else [])
+        metrics: dict[str, float] = {}
+
+        # Generators: adversarial + cycle + identity (+ registration correction).
+        for name in generator_names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        with self._frozen("d_a", "d_b"), self._autocast():
+            fake_b = self.g_ab(real_a)
+            fake_a = self.g_ba(real_b)
+            loss_gan = generator_adversarial_loss(
+                cfg.gan_loss, self.nets["d_b"](fake_b)
+            ) + generator_adversarial_loss(cfg.gan_loss, self.nets["d_a"](fake_a))
+            loss_cycle = cycle_loss(self.g_ba(fake_b), real_a) + cycle_loss(
+                self.g_ab(fake_a), real_b
+            )
+            loss_g = loss_gan + cfg.lambda_cycle * loss_cycle
+            if cfg.lambda_identity > 0:
+                loss_idt = identity_loss(self.g_ab(real_b), real_b) + identity_loss(
+                    self.g_ba(real_a), real_a
+                )
+                loss_g = loss_g + cfg.lambda_identity * loss_idt
+                metrics["loss_identity"] = _value(loss_idt)
+            if self.registration:
+                warped, flow = self.nets["r"](fake_b, real_b)
+                loss_reg = registration_correction_loss(warped, real_b)
+                # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
+                loss_smooth = smoothness_loss(flow_to_pixels(flow))
+                loss_g = (
+                    loss_g + cfg.lambda_registration * loss_reg + cfg.lambda_smooth * loss_smooth
+                )
+                metrics["loss_registration"] = _value(loss_reg)
+                metrics["loss_smooth"] = _value(loss_smooth)
+        loss_g.backward()
+        self._clip_and_step(generator_names, metrics)
+
+        # Discriminators: real vs (pooled) fake, each on its own graph.
+        pooled_b = self.pools["b"].query(fake_b.detach())
+        pooled_a = self.pools["a"].query(fake_a.detach())
+        losses_d = {}
+        for name, real, fake in (("d_b", real_b, pooled_b), ("d_a", real_a, pooled_a)):
+            self.optimizers[name].zero_grad(set_to_none=True)
+            with self._autocast():
+                net = self.nets[name]
+                loss_d = discriminator_loss(cfg.gan_loss, net(real), net(fake.float()))
+            loss_d.backward()
+            self._clip_and_step([name], metrics)
+            self.optimizers[name].zero_grad(set_to_none=True)
+            losses_d[name] = _value(loss_d)
+
+        self.step += 1
+        metrics.update(
+            loss_g=_value(loss_g),
+            loss_gan=_value(loss_gan),
+            loss_cycle=_value(loss_cycle),
+            loss_d_a=losses_d["d_a"],
+            loss_d_b=losses_d["d_b"],
+        )
+        return metrics
+
+    def train_epoch(
+        self,
+        loader: Iterable[Batch],
+        *,
+        max_steps: int | None = None,
+        progress: bool = False,
+        description: str = "training",
+    ) -> dict[str, float]:
+        """Run over ``loader`` once (or ``max_steps`` batches); return mean losses and speed.
+
+        Does not advance the learning-rate schedule: call :meth:`end_epoch` for that.
+        """
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.epoch)
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        if max_steps is not None:
+            total = max_steps if total is None else min(total, max_steps)
+        sums: dict[str, float] = {}
+        steps = samples = 0
+        start = time.perf_counter()
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task(description, total=total, info="")
+            for batch in loader:
+                if max_steps is not None and steps >= max_steps:
+                    break
+                metrics = self.train_step(batch)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                steps += 1
+                samples += int(batch["a"].shape[0])
+                rate = samples / max(time.perf_counter() - start, 1e-9)
+                bar.update(
+                    task,
+                    advance=1,
+                    info=f"G {metrics['loss_g']:.3f}  D {metrics['loss_d_a']:.3f}/"
+                    f"{metrics['loss_d_b']:.3f}  {rate:.1f} samples/s",
+                )
+        seconds = time.perf_counter() - start
+        summary = {key: value / max(steps, 1) for key, value in sums.items()}
+        summary.update(
+            steps=float(steps),
+            samples=float(samples),
+            seconds=seconds,
+            samples_per_s=samples / seconds if seconds > 0 else math.nan,
+            lr=self.lr,
+        )
+        return summary
+
+    def end_epoch(self) -> None:
+        """Advance every learning-rate schedule by one epoch."""
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.epoch += 1
+
+    def fit(
+        self,
+        loader: Iterable[Batch],
+        epochs: int,
+        *,
+        metrics_path: Path | None = None,
+        progress: bool = False,
+        max_steps_per_epoch: int | None = None,
+    ) -> list[dict[str, float]]:
+        """Train ``epochs`` epochs, appending one JSON line per epoch to ``metrics_path``."""
+        history = []
+        for _ in range(epochs):
+            summary = self.train_epoch(
+                loader,
+                max_steps=max_steps_per_epoch,
+                progress=progress,
+                description=f"epoch {self.epoch + 1}",
+            )
+            summary["epoch"] = float(self.epoch + 1)
+            summary["step"] = float(self.step)
+            self.end_epoch()
+            history.append(summary)
+            logger.info(
+                "epoch %d: G %.4f (cycle %.4f) D_A %.4f D_B %.4f, %.1f samples/s",
+                self.epoch,
+                summary.get("loss_g", math.nan),
+                summary.get("loss_cycle", math.nan),
+                summary.get("loss_d_a", math.nan),
+                summary.get("loss_d_b", math.nan),
+                summary["samples_per_s"],
+            )
+            if metrics_path is not None:
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with metrics_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(summary, sort_keys=True) + "\n")
+        return history
+
+    @torch.no_grad()
+    def translate(self, images: torch.Tensor, direction: str = "ab") -> torch.Tensor:
+        """Apply G_AB (``"ab"``) or G_BA (``"ba"``) in eval mode; returns CPU float32."""
+        net = self.nets["g_ab" if direction == "ab" else "g_ba"]
+        net.eval()
+        with self._autocast():
+            out = net(images.to(self.device))
+        return out.float().cpu()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole local state: networks, optimisers, schedules, pools, counters and RNGs."""
+        return {
+            "nets": {name: _plain_state(net) for name, net in self.nets.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+            "pools": {name: pool.state_dict() for name, pool in self.pools.items()},
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (networks must have the same architecture)."""
+        if set(state["nets"]) != set(self.nets):
+            raise ValueError(
+                f"saved state holds networks {sorted(state['nets'])}, this trainer has "
+                f"{sorted(self.nets)} (registration on in one and off in the other?)"
+            )
+        for name, net in self.nets.items():
+            _target(net).load_state_dict(state["nets"][name])
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        for name, pool in self.pools.items():
+            pool.load_state_dict(state["pools"][name], self.device)
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        _set_numpy_state(rng["numpy"])
+        random.setstate(_as_random_state(rng["python"]))
+
+    def save_state(self, path: Path) -> None:
+        """Write :meth:`state_dict` atomically (readable with ``weights_only=True``)."""
+        from common.io import atomic_save
+
+        atomic_save(path, lambda tmp: torch.save(self.state_dict(), tmp))
+
+    def load_state(self, path: Path) -> None:
+        """Read a file written by :meth:`save_state`; never unpickles arbitrary objects."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+
+
+def _value(loss: torch.Tensor) -> float:
+    return float(loss.detach().item())
+
+
+def _numpy_state() -> dict[str, Any]:
+    """NumPy's global RNG state as plain Python values (safe for ``weights_only`` loading)."""
+    # The global legacy RNG is what third-party code (MONAI transforms) draws from: save it too.
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    return {
+        "name": name,
+        "key": [int(k) for k in key],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _set_numpy_state(state: Mapping[str, Any]) -> None:
+    np.random.set_state(  # noqa: NPY002
+        (
+            str(state["name"]),
+            np.asarray(state["key"], dtype=np.uint32),
+            int(state["pos"]),
+            int(state["has_gauss"]),
+            float(state["cached"]),
+        )
+    )
+
+
+def _target(net: nn.Module) -> nn.Module:
+    """The wrapped module of an Opacus GradSampleModule, else the module itself."""
+    inner = getattr(net, "_module", None)
+    return inner if isinstance(inner, nn.Module) else net
+
+
+def _plain_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in _target(net).state_dict().items()}

@@ -1,0 +1,139 @@
+"""Paired evaluation of a checkpoint on a site's co-registered subjects (``fedsynth evaluate``).
+
+For every subject that has both modalities of the checkpoint's direction, the source slices
+usable in both volumes are translated and compared with the true target (see
+:mod:`common.metrics`; intensities on [0, 1]):
+
+* per slice, then averaged over the subject's slices: PSNR, SSIM (2D Gaussian window), MAE, NMSE,
+  each over the whole slice and inside the target's foreground mask, and the k-space band errors;
+* per volume (``vol_*``): PSNR, MAE, NMSE over all the subject's evaluated voxels at once (one
+  MSE for the volume), whole and foreground. (3D SSIM needs contiguous slices, which a paired
+  stack need not be, so SSIM is reported per slice only.)
+
+Preprocessing is the checkpoint's own, so the numbers describe the model as it was trained. One
+row per subject plus the mean over subjects; written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.config import DataConfig
+from common.data.datasets import PairedSlices
+from common.data.site import load_site
+from common.io import atomic_write_text
+from common.metrics import image_metrics, mae, mean_metrics, nmse, psnr, to_unit
+
+logger = logging.getLogger(__name__)
+
+Translate = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class SubjectResult:
+    subject: str
+    slices: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class EvaluationReport:
+    site: str
+    direction: str
+    subjects: list[SubjectResult] = field(default_factory=list)
+    mean: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        def clean(value: object) -> object:
+            if isinstance(value, float) and not math.isfinite(value):
+                return str(value)  # JSON has no inf/nan: keep them readable
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        return json.dumps(clean(asdict(self)), indent=2) + "\n"
+
+    def write(self, path: Path) -> Path:
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+def evaluate_pairs(
+    site_name: str,
+    direction: str,
+    pairs: list[tuple[str, PairedSlices]],
+    translate: Translate,
+) -> EvaluationReport:
+    """Score ``translate`` on each subject's paired slices (model scale, (n, H, W) arrays)."""
+    report = EvaluationReport(site_name, direction)
+    for subject, paired in pairs:
+        predicted = translate(paired.a)
+        metrics = subject_metrics(predicted, paired.b, paired.masks.astype(bool))
+        report.subjects.append(SubjectResult(subject, len(paired), metrics))
+    if report.subjects:
+        report.mean = _headline(mean_metrics([s.metrics for s in report.subjects]))
+    return report
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, float]:
+    """Drop the bookkeeping counts of :func:`mean_metrics`; when every value of a metric was
+    infinite (a perfect PSNR on every slice) the mean is ``inf``, not "no value"."""
+    out = {}
+    for key, value in metrics.items():
+        if key.endswith("_n") or key.endswith("_n_inf"):
+            continue
+        if (
+            math.isnan(value)
+            and metrics.get(f"{key}_n") == 0
+            and metrics.get(f"{key}_n_inf", 0) > 0
+        ):
+            value = math.inf
+        out[key] = value
+    return out
+
+
+def subject_metrics(
+    predicted: np.ndarray, target: np.ndarray, masks: np.ndarray
+) -> dict[str, float]:
+    """Slice-averaged and whole-volume metrics of one subject's (n, H, W) model-scale stacks."""
+    per_slice = [
+        image_metrics(p, t, mask=m if m.any() else None)
+        for p, t, m in zip(predicted, target, masks, strict=True)
+    ]
+    metrics = _headline(mean_metrics(per_slice))
+    pred_unit, target_unit = to_unit(predicted), to_unit(target)
+    metrics["vol_psnr"] = psnr(pred_unit, target_unit)
+    metrics["vol_mae"] = mae(pred_unit, target_unit)
+    metrics["vol_nmse"] = nmse(pred_unit, target_unit)
+    if masks.any():
+        metrics["vol_psnr_masked"] = psnr(pred_unit, target_unit, mask=masks)
+        metrics["vol_mae_masked"] = mae(pred_unit, target_unit, mask=masks)
+        metrics["vol_nmse_masked"] = nmse(pred_unit, target_unit, mask=masks)
+    return metrics
+
+
+def site_pairs(
+    site_dir: Path, data_config: DataConfig, cache_dir: Path | None = None
+) -> tuple[str, list[tuple[str, PairedSlices]]]:
+    """Load a site in paired mode and group its paired slices per subject."""
+    config = data_config.model_copy(update={"paired": True})
+    site = load_site(site_dir, config, cache_dir=cache_dir)
+    if not site.paired:
+        raise ValueError(
+            f"site {site_dir} has no subject with both {site.direction.source.value} and "
+            f"{site.direction.target.value}: nothing to evaluate on true pairs"
+        )
+    grouped = []
+    for a, b in site.paired:
+        label = a.scan.subject + (f" {a.scan.session}" if a.scan.session else "")
+        grouped.append((label, PairedSlices([(a, b)])))
+    return site.name, grouped

@@ -1,0 +1,89 @@
+"""Paired evaluation and the histogram-matching baseline, checked against direct computations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.baselines import HistogramMatcher
+from common.config import DataConfig
+from common.evaluation import evaluate_pairs, site_pairs, subject_metrics
+from tests.conftest import SiteMaker, head_volume, save_nifti
+
+DATA = DataConfig(
+    direction="T1w->T2w", spacing_mm=(2.0, 2.0, 2.0), image_size=48, min_foreground=0.05
+)
+
+
+def test_perfect_translation_scores_perfectly(make_site: SiteMaker) -> None:
+    root = make_site(subjects={"sub-01": ["T1w"], "sub-02": ["T1w"]})
+    for subject in ("sub-01", "sub-02"):  # the "T2w" is the T1w itself: G = identity is perfect
+        source = root / subject / "anat" / f"{subject}_T1w.nii.gz"
+        (root / subject / "anat" / f"{subject}_T2w.nii.gz").write_bytes(source.read_bytes())
+    name, pairs = site_pairs(root, DATA)
+    assert name == "site-x" and [s for s, _ in pairs] == ["sub-01", "sub-02"]
+    report = evaluate_pairs(name, "T1w->T2w", pairs, lambda a: a)
+    assert [s.slices for s in report.subjects] == [len(p) for _, p in pairs]
+    for subject in report.subjects:
+        assert math.isinf(subject.metrics["psnr_masked"]) and subject.metrics["mae"] == 0.0
+        assert subject.metrics["ssim_masked"] == pytest.approx(1.0)
+        assert subject.metrics["kspace_high"] == 0.0
+    assert not any(k.endswith("_n") for k in report.mean)
+    assert '"vol_psnr": "inf"' in report.to_json()
+
+
+def test_subject_metrics_against_numpy() -> None:
+    rng = np.random.default_rng(0)
+    target = rng.uniform(-1, 1, size=(4, 32, 32))
+    predicted = np.clip(target + rng.normal(0, 0.1, size=target.shape), -1, 1)
+    masks = np.zeros(target.shape, bool)
+    masks[:, 8:24, 8:24] = True
+    metrics = subject_metrics(predicted, target, masks)
+    p, t = (predicted + 1) / 2, (target + 1) / 2
+    per_slice = [
+        10 * np.log10(1 / np.mean((p[i][masks[i]] - t[i][masks[i]]) ** 2)) for i in range(4)
+    ]
+    assert metrics["psnr_masked"] == pytest.approx(np.mean(per_slice), abs=1e-9)
+    volume = 10 * np.log10(1 / np.mean((p[masks] - t[masks]) ** 2))
+    assert metrics["vol_psnr_masked"] == pytest.approx(volume, abs=1e-9)
+    assert metrics["vol_mae"] == pytest.approx(np.abs(p - t).mean(), abs=1e-12)
+    assert metrics["vol_nmse"] == pytest.approx(((p - t) ** 2).sum() / (t**2).sum(), abs=1e-12)
+
+
+def test_site_without_pairs_is_explained(make_site: SiteMaker) -> None:
+    root = make_site(subjects={"sub-01": ["T1w"], "sub-02": ["T2w"]})
+    with pytest.raises(ValueError, match="no subject with both T1w and T2w"):
+        site_pairs(root, DATA)
+
+
+def test_histogram_matching_transfers_the_distribution_and_keeps_order() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.gamma(2.0, 0.2, size=20_000) - 1.0
+    source = rng.normal(0.0, 0.3, size=(64, 64))
+    mask = np.zeros_like(source, bool)
+    mask[8:56, 8:56] = True
+    matched = HistogramMatcher(reference)(source, mask)
+    inside = matched[mask]
+    # Quantiles of the output equal the reference's (within the knot interpolation error).
+    levels = np.linspace(0.05, 0.95, 19)
+    np.testing.assert_allclose(
+        np.quantile(inside, levels), np.quantile(reference, levels), atol=0.02
+    )
+    # Monotone: the map never reorders intensities.
+    order = np.argsort(source[mask])
+    assert np.all(np.diff(inside[order]) >= -1e-6)
+    assert np.all(matched[~mask] == -1.0)
+
+
+def test_histogram_matching_cannot_invert_contrast(tmp_path: Path) -> None:
+    """Why learned models must beat it: T1w dark CSF stays dark after matching to T2w."""
+    t1, t2 = head_volume("T1w"), head_volume("T2w")
+    shell = (t1 > 200) & (t1 < 400)  # the outer shell: dark in T1w, bright in T2w
+    core = t1 > 700
+    matched = HistogramMatcher(t2[t2 > 0])(t1, t1 > 0, background=0.0)
+    assert matched[shell].mean() < matched[core].mean()
+    assert t2[shell].mean() > t2[core].mean()
+    assert save_nifti(tmp_path / "x.nii.gz", matched).exists()
