@@ -180,3 +180,36 @@ def test_synthesize_real_site_d_keeps_its_affine(tmp_path: Path) -> None:
     assert written.shape == original.shape
     np.testing.assert_allclose(written.affine, original.affine)
     assert written.header["sform_code"] == original.header["sform_code"]
+
+
+# bf16 autocast vs fp32, as fractions of the output range (documented in the README): the mean
+# and the 99th percentile of |difference| are bounded; a few voxels may differ more.
+BF16_MEAN_TOLERANCE = 0.005
+BF16_P99_TOLERANCE = 0.02
+
+
+def test_bf16_synthesis_stays_close_to_fp32_on_trained_weights(tmp_path: Path) -> None:
+    from client.trainer import CycleGANTrainer
+    from common.config import TrainingConfig
+
+    trainer = CycleGANTrainer(TINY, TrainingConfig(device="cpu", batch_size=2), 64)
+    source = head_volume("T1w", (64, 64, 20))
+    slices = torch.from_numpy(np.moveaxis(source / source.max() * 2 - 1, 2, 0)[:4, None].copy())
+    for _ in range(5):  # a few real updates: weights no longer at their initial values
+        trainer.train_step({"a": slices, "b": -slices})
+    meta = CheckpointMetadata(
+        kind="local",
+        direction="T1w->T2w",
+        model=TINY,
+        data=DATA,
+        output_scale=OutputScale(low=0.0, high=1.0, kind="percentile"),
+    )
+    ckpt = save_checkpoint(tmp_path / "ckpt", trainer.generators(), meta)
+    path = save_nifti(tmp_path / "sub-01_T1w.nii.gz", head_volume("T1w", (60, 64, 40)))
+    fp32 = Synthesizer(ckpt, device="cpu").synthesize(path, tmp_path / "a.nii.gz").output
+    bf16 = Synthesizer(ckpt, device="cpu", bf16=True).synthesize(path, tmp_path / "b.nii.gz").output
+    a, b = (np.asarray(nib.load(p).dataobj) for p in (fp32, bf16))
+    assert not np.array_equal(a, b)  # the fast path really ran in bfloat16
+    diff = np.abs(a - b)  # the output scale is 0..1, so these are fractions of the range
+    assert diff.mean() <= BF16_MEAN_TOLERANCE
+    assert np.percentile(diff, 99) <= BF16_P99_TOLERANCE
