@@ -11,7 +11,7 @@ from rich.table import Table
 
 from client.local import train_local
 from common.checkpoint import CheckpointError
-from common.cli import ConfigOption, PresetOption, SetOption, errors, resolve_config
+from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.data.errors import SiteDataError
 
 console = Console()
@@ -46,8 +46,7 @@ def train_local_command(
     try:
         result = train_local(site, run, resume=resume, progress=True)
     except (SiteDataError, CheckpointError, ValueError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     console.print(f"checkpoint: {result.checkpoint}")
     for report in result.evaluations:
         table = Table(title=f"{report.site}: {report.direction} (paired, mean of subjects)")

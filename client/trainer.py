@@ -43,6 +43,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from common.config import ModelConfig, TrainingConfig
 from common.device import resolve_device
+from common.io import atomic_save
 from common.losses import (
     cycle_loss,
     discriminator_loss,
@@ -459,8 +460,6 @@ class CycleGANTrainer:
 
     def save_state(self, path: Path) -> None:
         """Write :meth:`state_dict` atomically (readable with ``weights_only=True``)."""
-        from common.io import atomic_save
-
         atomic_save(path, lambda tmp: torch.save(self.state_dict(), tmp))
 
     def load_state(self, path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -38,6 +38,12 @@ SetOption = Annotated[
 ]
 
 
+def fail(problem: object, code: int = 1) -> NoReturn:
+    """Print ``error: <problem>`` on one line of stderr and exit with ``code``."""
+    errors.print(f"[red]error:[/red] {problem}", highlight=False)
+    raise typer.Exit(code)
+
+
 def resolve_config(
     config: Path | None, preset: str | None, overrides: list[str] | None
 ) -> RunConfig:
@@ -45,8 +51,7 @@ def resolve_config(
     try:
         return load_config(config, preset=preset, overrides=overrides or [])
     except ConfigError as exc:
-        errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+        fail(exc, 2)
 
 
 # --------------------------------------------------------------------------- inspect
@@ -143,8 +148,7 @@ def inspect_command(
         try:
             wanted = Direction.parse(direction)
         except ValueError as exc:
-            errors.print(f"error: --direction: {exc}")
-            raise typer.Exit(2) from None
+            fail(f"--direction: {exc}", 2)
     try:
         with console.status("inspecting") as status:
             report = inspect_site(
@@ -153,17 +157,12 @@ def inspect_command(
                 progress=lambda scan: status.update(f"reading {scan.path.name}"),
             )
     except SiteDataError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     render_site_report(report)
     if wanted is not None and wanted not in report.directions:
         present = sorted({r.scan.modality.value for r in report.scans if r.ok})
-        errors.print(
-            f"[red]error:[/red] {site_dir} cannot train {wanted}: usable modalities are "
-            f"{', '.join(present) or 'none'}",
-            highlight=False,
-        )
-        raise typer.Exit(1)
+        usable = ", ".join(present) or "none"
+        fail(f"{site_dir} cannot train {wanted}: usable modalities are {usable}")
     if report.bad and not skip_bad:
         raise typer.Exit(1)
 
@@ -228,8 +227,7 @@ def phantom_command(
                 progress=lambda message: status.update(message),
             )
     except (FileExistsError, ValueError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     for path, count in zip(paths, counts, strict=True):
         console.print(f"wrote {path} ({count} subject{'s' if count > 1 else ''})")
 
@@ -280,8 +278,7 @@ def synthesize_command(
         synthesizer = Synthesizer(checkpoint, device=device, batch_size=batch_size, bf16=bf16)
         result = synthesizer.synthesize(input_path, output_path, modality=declared)
     except (CheckpointError, ScanError, ValueError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     console.print(
         f"wrote {result.output} ({synthesizer.direction}, {result.slices} slices, "
         f"{result.seconds:.1f} s; intensities {result.scale.kind} scale "
@@ -312,8 +309,7 @@ def evaluate_command(
             name, str(synthesizer.direction), pairs, synthesizer.translate_slices
         )
     except (CheckpointError, SiteDataError, ValueError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     table = Table(title=f"{name}: {report.direction} on true pairs")
     columns = [
         ("PSNR", "psnr", ".2f"),

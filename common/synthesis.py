@@ -16,6 +16,7 @@ outside the head mask (and outside the model's field of view) are set to the sca
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,8 +128,6 @@ class Synthesizer:
             ValueError: the input's modality is known and is not the checkpoint's source.
             ScanError: the input is unusable.
         """
-        import time
-
         start = time.perf_counter()
         declared = modality or guess_modality(input_path)
         source = self.direction.source

@@ -197,3 +197,11 @@ def test_train_local_missing_modality_is_a_clear_error(phantom: Path, tmp_path: 
     )
     assert result.exit_code == 1
     assert "needs FLAIR scans" in result.output
+
+
+def test_phantom_sites_pass_inspection(phantom: Path) -> None:
+    for site in ("site-1", "site-2"):
+        result = runner.invoke(app, ["inspect", str(phantom / site), "-d", "T1w->T2w", *TINY])
+        assert result.exit_code == 0, result.output
+        assert "T1w -> T2w" in result.output
+        assert "every one of them on true pairs" in result.output
