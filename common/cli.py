@@ -321,6 +321,8 @@ def evaluate_command(
         ("k mid", "kspace_mid", ".3f"),
         ("k high", "kspace_high", ".3f"),
     ]
+    if any("lesion_psnr" in s.metrics for s in report.subjects):
+        columns += [("PSNR lesion", "lesion_psnr", ".2f"), ("SSIM lesion", "lesion_ssim", ".4f")]
     table.add_column("subject")
     table.add_column("slices", justify="right")
     for title, _, _ in columns:

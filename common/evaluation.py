@@ -6,6 +6,9 @@ usable in both volumes are translated and compared with the true target (see
 
 * per slice, then averaged over the subject's slices: PSNR, SSIM (2D Gaussian window), MAE, NMSE,
   each over the whole slice and inside the target's foreground mask, and the k-space band errors;
+* inside the lesion mask, when the site's BIDS derivatives hold one for the subject
+  (``derivatives/*/sub-X/anat/sub-X*_label-lesion_mask.nii.gz``, as the phantom writes):
+  ``lesion_psnr``, ``lesion_ssim``, ``lesion_mae``, averaged over the slices with lesion;
 * per volume (``vol_*``): PSNR, MAE, NMSE over all the subject's evaluated voxels at once (one
   MSE for the volume), whole and foreground. (3D SSIM needs contiguous slices, which a paired
   stack need not be, so SSIM is reported per slice only.)
@@ -27,6 +30,9 @@ import numpy as np
 
 from common.config import DataConfig
 from common.data.datasets import PairedSlices
+from common.data.discovery import find_lesion_mask
+from common.data.errors import ScanError
+from common.data.preprocess import preprocess_label
 from common.data.site import load_site
 from common.io import atomic_write_text
 from common.metrics import image_metrics, mae, mean_metrics, nmse, psnr, to_unit
@@ -77,7 +83,7 @@ def evaluate_pairs(
     report = EvaluationReport(site_name, direction)
     for subject, paired in pairs:
         predicted = translate(paired.a)
-        metrics = subject_metrics(predicted, paired.b, paired.masks.astype(bool))
+        metrics = subject_metrics(predicted, paired.b, paired.masks.astype(bool), paired.lesions)
         report.subjects.append(SubjectResult(subject, len(paired), metrics))
     if report.subjects:
         report.mean = _headline(mean_metrics([s.metrics for s in report.subjects]))
@@ -102,12 +108,20 @@ def _headline(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def subject_metrics(
-    predicted: np.ndarray, target: np.ndarray, masks: np.ndarray
+    predicted: np.ndarray,
+    target: np.ndarray,
+    masks: np.ndarray,
+    lesions: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Slice-averaged and whole-volume metrics of one subject's (n, H, W) model-scale stacks."""
+    """Slice-averaged and whole-volume metrics of one subject's (n, H, W) model-scale stacks.
+
+    With ``lesions`` ((n, H, W) bool), ``lesion_psnr`` / ``lesion_ssim`` / ``lesion_mae`` are the
+    means over the slices that contain lesion (the survey's Challenge 2).
+    """
+    lesion_list = list(lesions) if lesions is not None else [None] * len(predicted)
     per_slice = [
-        image_metrics(p, t, mask=m if m.any() else None)
-        for p, t, m in zip(predicted, target, masks, strict=True)
+        image_metrics(p, t, mask=m if m.any() else None, lesion=les)
+        for p, t, m, les in zip(predicted, target, masks, lesion_list, strict=True)
     ]
     metrics = _headline(mean_metrics(per_slice))
     pred_unit, target_unit = to_unit(predicted), to_unit(target)
@@ -135,5 +149,12 @@ def site_pairs(
     grouped = []
     for a, b in site.paired:
         label = a.scan.subject + (f" {a.scan.session}" if a.scan.session else "")
-        grouped.append((label, PairedSlices([(a, b)])))
+        mask_path = find_lesion_mask(site_dir, a.scan.subject, a.scan.session)
+        lesion = None
+        if mask_path is not None:
+            try:
+                lesion = preprocess_label(mask_path, config)
+            except ScanError as exc:
+                logger.warning("ignoring lesion mask: %s", exc)
+        grouped.append((label, PairedSlices([(a, b)], lesions=[lesion])))
     return site.name, grouped

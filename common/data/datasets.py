@@ -83,14 +83,28 @@ class PairedSlices(Dataset[dict[str, torch.Tensor]]):
     """Co-registered (source, target) slices of the same subject and slice position.
 
     Only slices usable in both volumes are kept. The mask is the target's foreground.
+
+    Args:
+        pairs: (source, target) volumes of the same subjects.
+        lesions: per pair, a lesion mask on the model grid, (H, W, D) bool (see
+            :func:`common.data.preprocess.preprocess_label`), or None; ``self.lesions`` is then
+            (n, H, W), all False for pairs without one, or None when no pair has one.
     """
 
-    def __init__(self, pairs: Sequence[tuple[Volume, Volume]]):
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Volume, Volume]],
+        lesions: Sequence[np.ndarray | None] | None = None,
+    ):
         sources: list[np.ndarray] = []
         targets: list[np.ndarray] = []
         masks: list[np.ndarray] = []
+        lesion_slices: list[np.ndarray] = []
         positions: list[tuple[int, int]] = []
-        for index, (a, b) in enumerate(pairs):
+        lesions = list(lesions) if lesions is not None else [None] * len(pairs)
+        if len(lesions) != len(pairs):
+            raise ValueError(f"{len(lesions)} lesion masks for {len(pairs)} pairs")
+        for index, ((a, b), lesion) in enumerate(zip(pairs, lesions, strict=True)):
             if a.stack.depth != b.stack.depth or not np.allclose(a.stack.affine, b.stack.affine):
                 raise ValueError(
                     f"{a.scan.path} and {b.scan.path} are not on the same grid after "
@@ -100,12 +114,25 @@ class PairedSlices(Dataset[dict[str, torch.Tensor]]):
             sources.append(a.stack.slices[ia])
             targets.append(b.stack.slices[ib])
             masks.append(b.stack.masks[ib])
+            if lesion is not None and lesion.shape != (*b.stack.slices.shape[1:], b.stack.depth):
+                raise ValueError(
+                    f"lesion mask of shape {lesion.shape} does not match {b.scan.path} on the "
+                    f"model grid {(*b.stack.slices.shape[1:], b.stack.depth)}"
+                )
+            lesion_slices.append(
+                np.moveaxis(lesion[:, :, common_z], 2, 0)
+                if lesion is not None
+                else np.zeros((len(common_z), *b.stack.slices.shape[1:]), dtype=bool)
+            )
             positions.extend((index, int(z)) for z in common_z)
         if not positions:
             raise ValueError("no slice position is usable in both volumes of any pair")
         self.a = np.concatenate(sources)
         self.b = np.concatenate(targets)
         self.masks = np.concatenate(masks)
+        self.lesions = (
+            np.concatenate(lesion_slices) if any(m is not None for m in lesions) else None
+        )
         self.positions = positions
 
     def __len__(self) -> int:

@@ -170,6 +170,17 @@ def _plain_scans(root: Path) -> list[Scan]:
     return scans
 
 
+def find_lesion_mask(root: Path, subject: str, session: str | None = None) -> Path | None:
+    """A subject's lesion mask in the site's BIDS derivatives, if there is one.
+
+    Looks for ``derivatives/<pipeline>/<subject>/[<session>/]anat/`` then
+    ``<subject>*_label-lesion_mask.nii[.gz]`` (the phantom's layout, BIDS' convention for masks).
+    """
+    folder = f"{subject}/{session}/anat" if session else f"{subject}/anat"
+    found = sorted(Path(root).glob(f"derivatives/*/{folder}/{subject}*_label-lesion_mask.nii*"))
+    return found[0] if found else None
+
+
 def discover_site(root: Path) -> SiteInventory:
     """List every scan of a site folder.
 

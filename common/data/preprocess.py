@@ -275,6 +275,43 @@ def preprocess_volume(
     )
 
 
+def preprocess_label(path: Path, config: DataConfig) -> np.ndarray:
+    """A binary label volume (a lesion mask) on the model grid: (H, W, D) bool.
+
+    Same geometry as :func:`preprocess_volume` (RAS, config spacing, centred pad/crop) with
+    nearest-neighbour resampling, so it overlays the preprocessed images of its subject.
+    An all-zero mask is valid here (a subject without lesion).
+
+    Raises:
+        ScanError: the file cannot be read as a 3D NIfTI.
+    """
+    import nibabel as nib
+
+    from common.data.errors import ScanError
+
+    try:
+        image: Any = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise ScanError(path, f"unreadable label mask ({exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ScanError(path, f"label mask of shape {data.shape}, expected a 3D volume")
+    size = (config.image_size, config.image_size, -1)
+    recipe = Compose(
+        [
+            Orientationd(keys="label", axcodes="RAS", labels=None),
+            Spacingd(keys="label", pixdim=config.spacing_mm, mode="nearest"),
+            ResizeWithPadOrCropd(keys="label", spatial_size=size, mode="constant", value=0.0),
+        ]
+    )
+    label = MetaTensor(
+        torch.from_numpy(data > 0.5).float()[None], affine=torch.from_numpy(image.affine)
+    )
+    return np.asarray(recipe({"label": label})["label"][0].numpy() > 0.5)
+
+
 def usable_slices(mask: np.ndarray, min_foreground: float) -> np.ndarray:
     """Indices of the axial slices of an (H, W, D) mask with enough foreground."""
     fraction = mask.reshape(-1, mask.shape[2]).mean(axis=0)

@@ -87,3 +87,48 @@ def test_histogram_matching_cannot_invert_contrast(tmp_path: Path) -> None:
     assert matched[shell].mean() < matched[core].mean()
     assert t2[shell].mean() > t2[core].mean()
     assert save_nifti(tmp_path / "x.nii.gz", matched).exists()
+
+
+def test_lesion_metrics_come_from_the_derivatives_mask(tmp_path: Path) -> None:
+    from common.data.discovery import find_lesion_mask
+    from common.data.preprocess import preprocess_label
+    from common.metrics import region_metrics, to_unit
+    from common.phantom import generate_consortium
+
+    (site,) = generate_consortium(
+        tmp_path, sites=1, subjects=[1], seed=3, voxel_size=4.0, modalities=["T1w", "T2w"]
+    )
+    config = DATA.model_copy(update={"spacing_mm": (4.0, 4.0, 4.0), "image_size": 48})
+    name, pairs = site_pairs(site, config)
+    ((subject, paired),) = pairs
+    mask_path = find_lesion_mask(site, subject)
+    assert mask_path is not None and "label-lesion_mask" in mask_path.name
+    assert paired.lesions is not None and paired.lesions.any()
+    # The lesion slices are the mask preprocessed on the same grid, at the paired positions.
+    volume = preprocess_label(mask_path, config)
+    expected = np.stack([volume[:, :, z] for _, z in paired.positions])
+    np.testing.assert_array_equal(paired.lesions, expected)
+
+    def noisy(slices: np.ndarray) -> np.ndarray:
+        return np.clip(slices + 0.05, -1.0, 1.0)
+
+    report = evaluate_pairs(name, "T1w->T2w", pairs, noisy)
+    metrics = report.subjects[0].metrics
+    with_lesion = [i for i in range(len(paired)) if paired.lesions[i].any()]
+    direct = [
+        region_metrics(
+            to_unit(noisy(paired.a[i : i + 1])[0]), to_unit(paired.b[i]), paired.lesions[i]
+        )
+        for i in with_lesion
+    ]
+    finite = [d["psnr"] for d in direct if np.isfinite(d["psnr"])]
+    assert metrics["lesion_psnr"] == pytest.approx(np.mean(finite), abs=1e-9)
+    assert metrics["lesion_mae"] == pytest.approx(np.mean([d["mae"] for d in direct]), abs=1e-9)
+
+
+def test_no_lesion_mask_no_lesion_metrics(make_site: SiteMaker) -> None:
+    root = make_site(subjects={"sub-01": ["T1w", "T2w"]})
+    _, pairs = site_pairs(root, DATA)
+    assert pairs[0][1].lesions is None
+    report = evaluate_pairs("site-x", "T1w->T2w", pairs, lambda a: a)
+    assert "lesion_psnr" not in report.subjects[0].metrics
