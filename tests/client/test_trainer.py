@@ -126,7 +126,7 @@ def test_linear_decay_matches_zhu_et_al(epochs: int, decay: int) -> None:
         assert factor(epochs - 1) == pytest.approx(1 / (decay + 1))  # last epoch still learns
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler\.step\(\)` before")
 def test_scheduler_follows_the_schedule() -> None:
     trainer = CycleGANTrainer(TINY, _training(lr=1e-3, epochs=4, decay_epochs=2), SIZE)
     seen = []
