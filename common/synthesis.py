@@ -32,7 +32,7 @@ from common.checkpoint import (
     load_checkpoint,
     load_into,
 )
-from common.data.discovery import BIDS_SUFFIXES, nifti_stem
+from common.data.discovery import bids_modality, nifti_stem
 from common.data.loading import read_scan
 from common.data.preprocess import IntensityMapping, preprocess_volume
 from common.device import resolve_device
@@ -46,10 +46,9 @@ logger = logging.getLogger(__name__)
 def guess_modality(path: Path) -> Modality | None:
     """The modality a file name declares (BIDS suffix, ``ce-`` entity), or None."""
     parts = nifti_stem(Path(path)).split("_")
-    modality = BIDS_SUFFIXES.get(parts[-1]) if len(parts) > 1 else None
-    if modality is Modality.T1W and any(p.startswith("ce-") for p in parts[:-1]):
-        return Modality.T1W_CE
-    return modality
+    if len(parts) < 2:
+        return None
+    return bids_modality(parts[-1], (p.partition("-")[0] for p in parts[:-1]))
 
 
 @dataclass(frozen=True)

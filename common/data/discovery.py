@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,14 @@ class SiteInventory:
             )
 
 
+def bids_modality(suffix: str, entity_keys: Iterable[str] = ()) -> Modality | None:
+    """The modality a BIDS suffix names; a ``ce-`` entity turns T1w into contrast-enhanced T1w."""
+    modality = BIDS_SUFFIXES.get(suffix)
+    if modality is Modality.T1W and "ce" in set(entity_keys):
+        return Modality.T1W_CE
+    return modality
+
+
 def _parse_bids_name(path: Path) -> tuple[dict[str, str], str] | None:
     parts = nifti_stem(path).split("_")
     if len(parts) < 2 or not parts[0].startswith("sub-"):
@@ -135,12 +144,10 @@ def _bids_scans(root: Path) -> list[Scan]:
                     )
                     continue
                 entities, suffix = parsed
-                modality = BIDS_SUFFIXES.get(suffix)
+                modality = bids_modality(suffix, entities)
                 if modality is None:
                     logger.debug("ignoring %s: suffix %r is not an imaging modality", path, suffix)
                     continue
-                if modality is Modality.T1W and "ce" in entities:
-                    modality = Modality.T1W_CE
                 subject = f"sub-{entities['sub']}"
                 if subject != subject_dir.name:
                     logger.warning(
