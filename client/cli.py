@@ -1,4 +1,4 @@
-"""Hospital-side commands: ``train-local`` (local-only or pooled baseline training)."""
+"""Hospital-side commands: ``client`` (the federation daemon) and ``train-local`` (baselines)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.launch import INSECURE_WARNING, ClientOptions, exec_supernode, supernode_command
 from client.local import train_local
 from common.checkpoint import CheckpointError
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
@@ -61,3 +62,59 @@ def train_local_command(
             f" / {m.get('kspace_high', float('nan')):.3f}",
         )
         console.print(table)
+
+
+def client_command(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="This hospital's BIDS folder.")],
+    superlink: Annotated[str, typer.Option(help="The coordinator, HOST:PORT.")],
+    ca: Annotated[
+        Path | None, typer.Option(help="The consortium's ca.crt (verifies the coordinator).")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="This site's private key (from `fedsynth certs`).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cuda:0, cpu or auto (default: the coordinator's).")
+    ] = None,
+    state_dir: Annotated[
+        Path, typer.Option(help="Where this site keeps its own networks, optimisers and cache.")
+    ] = Path("fedsynth-state"),
+    audit_log: Annotated[
+        Path | None, typer.Option(help="Append an outline of every reply sent (JSON lines).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="No TLS, no node authentication: loopback tests only.")
+    ] = False,
+    runtime_port: Annotated[
+        int,
+        typer.Option(
+            help="Local port of the SuperNode's app API (change it when several "
+            "daemons share one machine)."
+        ),
+    ] = 9094,
+    fault: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="Testing only: corrupt updates (nan or shape)."),
+    ] = None,
+) -> None:
+    """Start this hospital's daemon: a Flower SuperNode that trains on --data-dir when asked."""
+    options = ClientOptions(
+        data_dir=data_dir,
+        superlink=superlink,
+        state_dir=state_dir,
+        device=device,
+        root_certificates=ca,
+        private_key=key,
+        insecure=insecure,
+        audit_log=audit_log,
+        fault=fault,
+        runtime_port=runtime_port,
+    )
+    if insecure:
+        Console(stderr=True).print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}")
+    try:
+        supernode_command(options)
+    except (ValueError, SiteDataError) as exc:
+        fail(exc)
+    console.print(f"connecting to {superlink} with data from {data_dir}")
+    exec_supernode(options)

@@ -190,6 +190,8 @@ class CycleGANTrainer:
         }
         self.step = 0
         self.epoch = 0
+        self.proximal_mu = 0.0
+        self._anchor: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ accessors
 
@@ -208,6 +210,34 @@ class CycleGANTrainer:
     @property
     def lr(self) -> float:
         return float(self.optimizers["g_ab"].param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """Set every network's learning rate (a federation's coordinator schedules it per round)."""
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def set_proximal(self, mu: float) -> None:
+        """FedProx: from now on add ``mu / 2 * ||w - w_now||^2`` over the generators' weights.
+
+        Call it right after loading the round's global generators; ``mu = 0`` turns it off.
+        """
+        self.proximal_mu = mu
+        self._anchor = (
+            {
+                name: [p.detach().clone() for p in net.parameters()]
+                for name, net in self.generators().items()
+            }
+            if mu > 0
+            else {}
+        )
+
+    def _proximal_term(self) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for name, anchor in self._anchor.items():
+            for param, start in zip(self.nets[name].parameters(), anchor, strict=True):
+                total = total + ((param - start) ** 2).sum()
+        return total
 
     # ------------------------------------------------------------------ training
 
@@ -281,6 +311,10 @@ class CycleGANTrainer:
                 )
                 metrics["loss_registration"] = _value(loss_reg)
                 metrics["loss_smooth"] = _value(loss_smooth)
+        if self._anchor:
+            loss_prox = self._proximal_term()
+            loss_g = loss_g + self.proximal_mu / 2 * loss_prox
+            metrics["loss_proximal"] = _value(loss_prox)
         loss_g.backward()
         self._clip_and_step(generator_names, metrics)
 

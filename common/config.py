@@ -202,6 +202,39 @@ class FederationConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0.0)
     wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_update_norm: float | None = Field(None, gt=0.0)
+    decay_rounds: int | None = Field(
+        None,
+        ge=0,
+        description="Final rounds over which the sites' lr decays to 0 (default: the same "
+        "fraction of rounds as training.decay_epochs is of training.epochs).",
+    )
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="FedTrimmedAvg: cut per end.")
+    server_lr: float = Field(0.01, gt=0.0, description="FedAdam/FedYogi server step size.")
+    server_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    server_beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    server_tau: float = Field(1e-3, gt=0.0, description="FedAdam/FedYogi adaptivity.")
+    validation_site: Path | None = Field(
+        None, description="A site folder no hospital trains on: central paired evaluation."
+    )
+    evaluate_sites: bool = Field(True, description="Ask sites for paired evaluation each round.")
+
+    @model_validator(mode="after")
+    def _check_rounds(self) -> Self:
+        if self.decay_rounds is not None and self.decay_rounds > self.rounds:
+            raise ValueError(
+                f"decay_rounds ({self.decay_rounds}) cannot exceed rounds ({self.rounds})"
+            )
+        return self
+
+    def round_lr_factor(self, round_number: int, training: TrainingConfig) -> float:
+        """The sites' learning-rate factor in round ``round_number`` (1-based)."""
+        decay = self.decay_rounds
+        if decay is None:
+            decay = round(self.rounds * training.decay_epochs / max(training.epochs, 1))
+        start = self.rounds - decay
+        if decay == 0 or round_number - 1 < start:
+            return 1.0
+        return max(0.0, 1.0 - (round_number - start) / (decay + 1))
 
 
 class SimulationConfig(_Section):
@@ -515,3 +548,12 @@ def write_resolved_config(config: RunConfig, out_dir: Path) -> Path:
     target = out_dir / RESOLVED_CONFIG_NAME
     atomic_write_text(target, dumps_config(config))
     return target
+
+
+def loads_config(text: str, source: str) -> RunConfig:
+    """Validate a resolved configuration received as TOML text (e.g. from the coordinator)."""
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue("<root>", None, f"not valid TOML: {exc}", source)]) from None
+    return validate_layers(tree, dict.fromkeys(dict(_flatten(tree)), source))

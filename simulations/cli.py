@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from client.cli import train_local_command
+from client.cli import client_command, train_local_command
 from common import __version__
 from common.cli import (
     config_command,
@@ -21,6 +21,8 @@ from common.cli import (
     phantom_command,
     synthesize_command,
 )
+from server.cli import certs_command, server_command
+from simulations.federated import simulate_command
 
 app = typer.Typer(
     name="fedsynth",
@@ -35,6 +37,10 @@ app.command("config")(config_command)
 app.command("train-local")(train_local_command)
 app.command("synthesize")(synthesize_command)
 app.command("evaluate")(evaluate_command)
+app.command("server")(server_command)
+app.command("client")(client_command)
+app.command("certs")(certs_command)
+app.command("simulate")(simulate_command)
 
 
 def _version(value: bool) -> None:

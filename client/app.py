@@ -1,0 +1,101 @@
+"""The hospital side as a Flower ``ClientApp``: train and evaluate, replying with scalars only.
+
+Each message is handled by :mod:`client.federated`. A site that cannot take part (no data for the
+direction, unusable scans, a broken instruction) replies with a Flower error whose reason names no
+path or subject; the full story goes to the site's own log. Unexpected exceptions are answered the
+same way rather than left to crash the app process, so the coordinator can log the site by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.audit import record_outgoing
+from client.federated import (
+    DiskStore,
+    MemoryStore,
+    RoundInstruction,
+    SiteError,
+    SiteSettings,
+    StateStore,
+    evaluate_round,
+    train_round,
+)
+from common.federation import ARRAYS, CONFIG, METRICS, from_record, metrics_record, to_record
+
+logger = logging.getLogger("fedsynth.client")
+
+SITE_ERROR = 100  # the site declined the round for a reason it states
+SITE_CRASH = 101  # an unexpected exception at the site (details in its log)
+STATE_RECORD = "fedsynth-site-state"
+
+app = ClientApp(mods=[record_outgoing])
+
+
+class ContextStore(MemoryStore):
+    """Trainer state kept in a simulated node's ``context.state`` (it lives as long as the run)."""
+
+    def __init__(self, context: Context):
+        record = context.state.config_records.get(STATE_RECORD)
+        blobs = {k: v for k, v in (record or {}).items() if isinstance(v, bytes)}
+        super().__init__(blobs)
+        self.context = context
+
+    def save(self, run_key: str, round_number: int, blob: bytes) -> None:
+        super().save(run_key, round_number, blob)
+        self.context.state[STATE_RECORD] = ConfigRecord(dict(self.blobs))
+
+
+def _store(settings: SiteSettings, context: Context) -> StateStore:
+    return DiskStore(settings.state_dir) if settings.state_dir else ContextStore(context)
+
+
+def _refuse(msg: Message, exc: BaseException) -> Message:
+    if isinstance(exc, SiteError):
+        logger.error("declining %s: %s", msg.metadata.message_type, exc)
+        return Message(Error(code=SITE_ERROR, reason=str(exc)), reply_to=msg)
+    logger.error("%s failed:\n%s", msg.metadata.message_type, traceback.format_exc())
+    reason = f"{type(exc).__name__} at the site (its log has the details)"
+    return Message(Error(code=SITE_CRASH, reason=reason), reply_to=msg)
+
+
+def _instruction(msg: Message) -> RoundInstruction:
+    if CONFIG not in msg.content.config_records or ARRAYS not in msg.content.array_records:
+        raise SiteError("the coordinator's message lacks its config or arrays record")
+    return RoundInstruction.from_record(msg.content.config_records[CONFIG])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        settings = SiteSettings.from_configs(context.node_config, context.run_config)
+        instruction = _instruction(msg)
+        global_state = from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
+        shared, metrics = train_round(
+            settings, instruction, global_state, _store(settings, context)
+        )
+        content = RecordDict(
+            {
+                ARRAYS: to_record(shared, instruction.wire_dtype),
+                METRICS: metrics_record(metrics),
+            }
+        )
+        return Message(content, reply_to=msg)
+    except Exception as exc:
+        return _refuse(msg, exc)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    try:
+        settings = SiteSettings.from_configs(context.node_config, context.run_config)
+        instruction = _instruction(msg)
+        global_state = from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
+        metrics = evaluate_round(settings, instruction, global_state)
+        return Message(RecordDict({METRICS: metrics_record(metrics)}), reply_to=msg)
+    except Exception as exc:
+        return _refuse(msg, exc)

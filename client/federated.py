@@ -1,0 +1,403 @@
+"""One hospital's part of a federated round, independent of how messages travel.
+
+:class:`RoundInstruction` is what the coordinator asks for (round number, learning rate, local
+epochs or steps, the FedProx weight, what to share, the wire precision, and the coordinator's
+resolved configuration). :class:`SiteSettings` is what only the hospital decides: where its data
+is, which device to use, where to keep its state. :func:`train_round` restores the site's own
+networks and optimisers (never sent anywhere), loads the global generators, trains and returns
+the shared networks and scalar metrics. :func:`evaluate_round` scores the global generators on the
+site's paired subjects.
+
+A site keeps one state file per round it trained (the last three), so that a coordinator that
+crashed mid-round and resumed from the previous round finds the state that round started from:
+a resumed run then ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from client.trainer import CycleGANTrainer
+from common.config import RunConfig, loads_config
+from common.data.datasets import UnpairedSlices
+from common.data.errors import BadScansError, EmptySiteError, MissingModalityError
+from common.data.site import SiteData, load_site
+from common.evaluation import evaluate_pairs, site_pairs
+from common.federation import EVALUATE_METRICS, SHARED_NETS, flatten, unflatten
+from common.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+KEEP_STATES = 3
+FAULTS = ("nan", "shape")
+
+
+class SiteError(Exception):
+    """A site cannot take part in this round. ``str(error)`` is safe to send to the coordinator:
+    it names no path, file or subject (the site's own log has those)."""
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    """The coordinator's request for one round (travels as a ``ConfigRecord``)."""
+
+    round: int
+    lr: float
+    local_epochs: int
+    local_steps: int  # 0: train local_epochs epochs
+    proximal_mu: float
+    share: str
+    wire_dtype: str
+    run_key: str
+    run_config: str  # resolved configuration, TOML
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "lr": self.lr,
+            "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
+            "proximal-mu": self.proximal_mu,
+            "share": self.share,
+            "wire-dtype": self.wire_dtype,
+            "run-key": self.run_key,
+            "run-config": self.run_config,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundInstruction:
+        try:
+            return cls(
+                round=int(record["round"]),
+                lr=float(record["lr"]),
+                local_epochs=int(record["local-epochs"]),
+                local_steps=int(record["local-steps"]),
+                proximal_mu=float(record["proximal-mu"]),
+                share=str(record["share"]),
+                wire_dtype=str(record["wire-dtype"]),
+                run_key=str(record["run-key"]),
+                run_config=str(record["run-config"]),
+            )
+        except KeyError as exc:
+            raise SiteError(f"the coordinator's instruction lacks {exc.args[0]!r}") from None
+
+    def config(self) -> RunConfig:
+        return loads_config(self.run_config, "coordinator")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """What the hospital decides for itself (SuperNode ``--node-config``).
+
+    Attributes:
+        data_dir: the site's BIDS (or per-modality) folder.
+        device: ``cuda:0``, ``cpu`` or ``auto``; overrides the coordinator's ``training.device``.
+        state_dir: where the site's own networks, optimisers and RNG states live between rounds
+            (``None``: in the Flower context, simulation only).
+        cache_dir: preprocessed-slice cache (default ``state_dir/cache``).
+        fault: testing only, ``nan`` or ``shape``: corrupt the update to exercise the
+            coordinator's checks.
+        partition_id: simulation only, the index of this site in the run's site list.
+    """
+
+    data_dir: Path
+    device: str | None = None
+    state_dir: Path | None = None
+    cache_dir: Path | None = None
+    fault: str | None = None
+    partition_id: int | None = None
+
+    @classmethod
+    def from_configs(
+        cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+    ) -> SiteSettings:
+        """Read the node config (deployment) or pick this partition's site (simulation)."""
+
+        def text(key: str, source: Mapping[str, Any] = node_config) -> str | None:
+            value = source.get(key)
+            return str(value) if value not in (None, "") else None
+
+        partition = node_config.get("partition-id")
+        if text("data-dir") is not None:
+            data_dir = Path(str(text("data-dir")))
+        elif partition is not None and text("site-dirs", run_config):
+            sites = [s for s in str(run_config["site-dirs"]).split(",") if s]
+            if not 0 <= int(partition) < len(sites):
+                raise SiteError(f"partition {partition} has no site ({len(sites)} listed)")
+            data_dir = Path(sites[int(partition)])
+        else:
+            raise SiteError("this node has no data-dir in its node config")
+        state = text("state-dir")
+        if state is None and partition is not None and text("state-root", run_config):
+            state = str(Path(str(run_config["state-root"])) / f"site-{int(partition)}")
+        fault = text("fault")
+        if fault is not None and fault not in FAULTS:
+            raise SiteError(f"node config fault={fault!r}: expected one of {', '.join(FAULTS)}")
+        cache = text("cache-dir") or text("cache-dir", run_config)
+        return cls(
+            data_dir=data_dir,
+            device=text("device"),
+            state_dir=Path(state) if state else None,
+            cache_dir=Path(cache) if cache else (Path(state) / "cache" if state else None),
+            fault=fault,
+            partition_id=int(partition) if partition is not None else None,
+        )
+
+
+class StateStore(Protocol):
+    """Where a site keeps its trainer state between rounds (bytes written by ``torch.save``)."""
+
+    def load(self, run_key: str, before_round: int) -> bytes | None: ...
+
+    def save(self, run_key: str, round_number: int, blob: bytes) -> None: ...
+
+
+class DiskStore:
+    """``<state_dir>/<run_key>/state-round-NNNN.pt``, written atomically, the last few kept."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _files(self, run_key: str) -> dict[int, Path]:
+        folder = self.root / run_key
+        found = {}
+        for path in folder.glob("state-round-*.pt"):
+            suffix = path.stem.rsplit("-", 1)[-1]
+            if suffix.isdigit():
+                found[int(suffix)] = path
+        return found
+
+    def load(self, run_key: str, before_round: int) -> bytes | None:
+        earlier = {r: p for r, p in self._files(run_key).items() if r < before_round}
+        return earlier[max(earlier)].read_bytes() if earlier else None
+
+    def save(self, run_key: str, round_number: int, blob: bytes) -> None:
+        folder = self.root / run_key
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / f"state-round-{round_number:04d}.pt") as tmp:
+            Path(tmp).write_bytes(blob)
+        for number, path in sorted(self._files(run_key).items())[:-KEEP_STATES]:
+            path.unlink(missing_ok=True)
+            logger.debug("dropped old state of round %d", number)
+
+
+class MemoryStore:
+    """A dict of bytes (the Flower ``context.state`` of a simulated node wraps one)."""
+
+    def __init__(self, blobs: dict[str, bytes] | None = None):
+        self.blobs: dict[str, bytes] = {} if blobs is None else blobs
+
+    def load(self, run_key: str, before_round: int) -> bytes | None:
+        rounds = [
+            int(k.rsplit("-", 1)[-1])
+            for k in self.blobs
+            if k.startswith(f"{run_key}/round-") and int(k.rsplit("-", 1)[-1]) < before_round
+        ]
+        return self.blobs[f"{run_key}/round-{max(rounds)}"] if rounds else None
+
+    def save(self, run_key: str, round_number: int, blob: bytes) -> None:
+        self.blobs[f"{run_key}/round-{round_number}"] = blob
+        mine = sorted(
+            (int(k.rsplit("-", 1)[-1]), k) for k in self.blobs if k.startswith(f"{run_key}/")
+        )
+        for _, key in mine[:-KEEP_STATES]:
+            del self.blobs[key]
+
+
+def _load_site(settings: SiteSettings, config: RunConfig, *, paired: bool = False) -> SiteData:
+    data = config.data.model_copy(update={"paired": True}) if paired else config.data
+    try:
+        return load_site(
+            settings.data_dir, data, cache_dir=settings.cache_dir, seed=config.training.seed
+        )
+    except EmptySiteError:
+        logger.exception("site data")
+        raise SiteError("no scans found in the site's data folder") from None
+    except MissingModalityError:
+        logger.exception("site data")
+        raise SiteError(
+            f"no usable scans for {config.data.direction}: a modality is missing or all of its "
+            "scans are unusable (the site's log names them)"
+        ) from None
+    except BadScansError as exc:
+        logger.exception("site data")
+        raise SiteError(
+            f"{len(exc.errors)} unusable scan(s) and data.skip_bad is off "
+            "(the site's log names them)"
+        ) from None
+
+
+def _trainer(settings: SiteSettings, config: RunConfig) -> CycleGANTrainer:
+    return CycleGANTrainer(
+        config.model,
+        config.training,
+        config.data.image_size,
+        registration=config.registration_enabled,
+        device=settings.device,
+    )
+
+
+def _load_global(
+    trainer: CycleGANTrainer, global_state: Mapping[str, torch.Tensor], share: str
+) -> None:
+    nets = unflatten(global_state)
+    expected = set(SHARED_NETS[share])
+    if set(nets) != expected:
+        raise SiteError(
+            f"the coordinator sent networks {sorted(nets)}, expected {sorted(expected)}"
+        )
+    for name, state in nets.items():
+        target = trainer.nets[name]
+        target = getattr(target, "_module", target)
+        target.load_state_dict({k: v.to(trainer.device) for k, v in state.items()})
+
+
+def _loader(
+    dataset: UnpairedSlices, config: RunConfig, round_number: int, epoch: int
+) -> DataLoader:
+    seed = config.training.seed * 100_003 + round_number * 1_009 + epoch
+    batch = config.training.batch_size
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=config.training.num_workers,
+        drop_last=len(dataset) > batch,
+    )
+
+
+def _corrupt(state: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+    if fault == "nan":
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = math.nan
+    else:
+        state[key] = state[key][..., :-1].clone()
+    logger.warning("fault injection (%s) on %s: this update will be refused", fault, key)
+    return state
+
+
+def train_round(
+    settings: SiteSettings,
+    instruction: RoundInstruction,
+    global_state: Mapping[str, torch.Tensor],
+    store: StateStore,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train this site for one round; return its shared networks (flat) and scalar metrics."""
+    start = time.perf_counter()
+    config = instruction.config()
+    site = _load_site(settings, config)
+    dataset = UnpairedSlices(
+        site.domain_a,
+        site.domain_b,
+        misalignment=config.data.misalignment,
+        seed=config.training.seed,
+    )
+    trainer = _trainer(settings, config)
+    blob = store.load(instruction.run_key, instruction.round)
+    if blob is not None:
+        state = torch.load(io.BytesIO(blob), map_location=trainer.device, weights_only=True)
+        trainer.load_state_dict(state)
+    _load_global(trainer, global_state, instruction.share)
+    trainer.set_lr(instruction.lr)
+    trainer.set_proximal(instruction.proximal_mu)
+
+    sums: dict[str, float] = {}
+    steps = samples = 0
+    epoch = 0
+    budget = instruction.local_steps or None
+    while True:
+        if budget is None and epoch >= instruction.local_epochs:
+            break
+        if budget is not None and steps >= budget:
+            break
+        trainer.epoch = (instruction.round - 1) * max(instruction.local_epochs, 1) + epoch
+        loader = _loader(dataset, config, instruction.round, epoch)
+        summary = trainer.train_epoch(loader, max_steps=None if budget is None else budget - steps)
+        done = int(summary["steps"])
+        for key, value in summary.items():
+            if key.startswith("loss_"):
+                sums[key] = sums.get(key, 0.0) + value * done
+        steps += done
+        samples += int(summary["samples"])
+        epoch += 1
+        if done == 0:
+            raise SiteError("the site's data yields no training batch")
+    trainer.epoch = instruction.round * max(instruction.local_epochs, 1)
+
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    store.save(instruction.run_key, instruction.round, buffer.getvalue())
+
+    shared = {k: v.cpu() for k, v in flatten(trainer.nets, SHARED_NETS[instruction.share]).items()}
+    if settings.fault is not None:
+        shared = _corrupt(shared, settings.fault)
+    seconds = time.perf_counter() - start
+    metrics = {key: value / steps for key, value in sums.items()}
+    metrics.update(
+        {
+            "num-examples": float(samples),
+            "steps": float(steps),
+            "seconds": seconds,
+            "samples-per-s": samples / seconds if seconds > 0 else 0.0,
+            "lr": instruction.lr,
+        }
+    )
+    if settings.partition_id is not None:
+        metrics["partition-id"] = float(settings.partition_id)
+    logger.info(
+        "round %d: %d steps, %d samples in %.1f s (G %.4f, cycle %.4f)",
+        instruction.round,
+        steps,
+        samples,
+        seconds,
+        metrics.get("loss_g", math.nan),
+        metrics.get("loss_cycle", math.nan),
+    )
+    return shared, metrics
+
+
+def evaluate_round(
+    settings: SiteSettings,
+    instruction: RoundInstruction,
+    global_state: Mapping[str, torch.Tensor],
+) -> dict[str, float]:
+    """Paired evaluation of the global generators on this site's subjects with both modalities."""
+    start = time.perf_counter()
+    config = instruction.config()
+    try:
+        name, pairs = site_pairs(settings.data_dir, config.data, settings.cache_dir)
+    except ValueError:
+        logger.info("no paired subjects at this site: nothing to evaluate")
+        raise SiteError("no subject with both modalities: nothing to evaluate") from None
+    trainer = _trainer(settings, config)
+    _load_global(trainer, global_state, instruction.share)
+    chunk = 4 * config.training.batch_size
+
+    def translate(slices: np.ndarray) -> np.ndarray:
+        parts = [
+            trainer.translate(torch.from_numpy(slices[i : i + chunk])[:, None])[:, 0]
+            for i in range(0, len(slices), chunk)
+        ]
+        return torch.cat(parts).numpy()
+
+    report = evaluate_pairs(name, config.data.direction, pairs, translate)
+    metrics = {k: float(v) for k, v in report.mean.items() if k in EVALUATE_METRICS}
+    metrics["num-subjects"] = float(len(report.subjects))
+    metrics["num-examples"] = float(sum(s.slices for s in report.subjects))
+    metrics["seconds"] = time.perf_counter() - start
+    if settings.partition_id is not None:
+        metrics["partition-id"] = float(settings.partition_id)
+    return metrics

@@ -1,0 +1,205 @@
+"""What travels between the coordinator and a hospital, in one place both sides import.
+
+A train instruction carries the global networks (``arrays``) and the round's settings
+(``config``, which includes the coordinator's resolved run configuration as TOML, so every site
+trains the same model on the same preprocessing). A site's reply carries its updated networks and
+scalar metrics only. :func:`audit_reply` states the rule a reply must follow, and the coordinator
+applies it to every reply before looking at the weights: only arrays under the shared network keys
+and the whitelisted metric names, never text, never an image-shaped array.
+
+Network parameters are flattened to ``"<net>.<param>"`` keys (``g_ab.model.1.weight``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from common.wire import decode, encode
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+Share = Literal["generators", "all"]
+SHARED_NETS: dict[str, tuple[str, ...]] = {
+    "generators": ("g_ab", "g_ba"),
+    "all": ("g_ab", "g_ba", "d_a", "d_b"),
+}
+
+# The only scalar names a site may report. Counts and losses reveal nothing about one patient
+# beyond what the shared weights already do; anything else is refused by the coordinator.
+TRAIN_METRICS = frozenset(
+    {
+        "num-examples",
+        "steps",
+        "seconds",
+        "samples-per-s",
+        "loss_g",
+        "loss_gan",
+        "loss_cycle",
+        "loss_identity",
+        "loss_d_a",
+        "loss_d_b",
+        "loss_registration",
+        "loss_smooth",
+        "loss_proximal",
+        "lr",
+        "epsilon",
+        "delta",
+        "partition-id",
+    }
+)
+EVALUATE_METRICS = frozenset(
+    {
+        "num-examples",
+        "num-subjects",
+        "seconds",
+        "psnr",
+        "ssim",
+        "mae",
+        "nmse",
+        "psnr_masked",
+        "ssim_masked",
+        "mae_masked",
+        "nmse_masked",
+        "partition-id",
+    }
+)
+# Any parameter tensor in these networks has at most this many dimensions; an image batch
+# (N, C, H, W) has four too, so the coordinator also compares shapes with the global model.
+MAX_PARAM_DIMS = 4
+
+
+def flatten(nets: Mapping[str, torch.nn.Module], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``{"g_ab.<param>": tensor, ...}`` for the named networks (floating point + buffers)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        for key, value in nets[name].state_dict().items():
+            out[f"{name}.{key}"] = value.detach()
+    return out
+
+
+def unflatten(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of :func:`flatten`: ``{"g_ab": {"<param>": tensor}, ...}``."""
+    nets: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        net, _, param = key.partition(".")
+        nets.setdefault(net, {})[param] = value
+    return nets
+
+
+def to_record(state: Mapping[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
+    """Encode a flat state for the wire (float16/bfloat16 if asked; integers unchanged)."""
+    return ArrayRecord({k: Array(v) for k, v in encode(state, wire_dtype).items()})
+
+
+def from_record(
+    record: ArrayRecord, wire_dtype: str, reference: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Decode an ``ArrayRecord`` to float32 tensors.
+
+    ``reference`` (the global state) says which keys are integer buffers; without it, integer
+    arrays other than bfloat16's ``uint16`` patterns are taken to be integer buffers.
+    """
+    arrays = {key: record[key].numpy() for key in record}
+    if reference is None:
+        reference = {
+            key: torch.empty(
+                0,
+                dtype=torch.float32 if a.dtype.kind == "f" or a.dtype == np.uint16 else torch.int64,
+            )
+            for key, a in arrays.items()
+        }
+    return decode(arrays, wire_dtype, reference=reference)
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of the arrays in a record."""
+    return int(sum(record[key].numpy().nbytes for key in record))
+
+
+def metrics_record(values: Mapping[str, float | int]) -> MetricRecord:
+    """A ``MetricRecord`` of plain Python numbers (numpy scalars converted)."""
+    return MetricRecord(
+        {
+            k: int(v) if isinstance(v, bool | int | np.integer) else float(v)
+            for k, v in values.items()
+        }
+    )
+
+
+def scalar_metrics(content: RecordDict) -> dict[str, float]:
+    """The reply's metrics as floats (call after :func:`audit_reply` found no problem)."""
+    out: dict[str, float] = {}
+    for key, value in content.metric_records[METRICS].items():
+        if isinstance(value, list):
+            raise ValueError(f"metric {key!r} is a list, expected a number")
+        out[key] = float(value)
+    return out
+
+
+def audit_reply(
+    content: RecordDict,
+    *,
+    kind: Literal["train", "evaluate"],
+    expected: Mapping[str, tuple[int, ...]] | None,
+) -> list[str]:
+    """Every way a site's reply breaks the content rule (empty when it is acceptable).
+
+    Args:
+        content: the reply's records.
+        kind: ``"train"`` replies must carry ``arrays`` and ``metrics``; ``"evaluate"`` replies
+            carry ``metrics`` only.
+        expected: the shared parameter names and shapes (train replies).
+    """
+    problems: list[str] = []
+    allowed = TRAIN_METRICS if kind == "train" else EVALUATE_METRICS
+    wanted = {ARRAYS, METRICS} if kind == "train" else {METRICS}
+    names = set(content.keys())
+    if names - wanted:
+        problems.append(f"unexpected records: {', '.join(sorted(names - wanted))}")
+    if METRICS not in content.metric_records:
+        problems.append("no metrics record")
+    else:
+        metrics = content.metric_records[METRICS]
+        extra = set(metrics.keys()) - allowed
+        if extra:
+            problems.append(f"metrics outside the whitelist: {', '.join(sorted(extra))}")
+        for key, value in metrics.items():
+            if isinstance(value, list) or not isinstance(value, int | float):
+                problems.append(f"metric {key!r} is not a scalar number")
+    if kind == "train":
+        if ARRAYS not in content.array_records:
+            problems.append("no arrays record")
+        else:
+            record = content.array_records[ARRAYS]
+            if expected is not None:
+                keys = set(record.keys())
+                if keys != set(expected):
+                    missing, unexpected = set(expected) - keys, keys - set(expected)
+                    if missing:
+                        problems.append(f"{len(missing)} shared parameter(s) missing")
+                    if unexpected:
+                        problems.append(f"{len(unexpected)} array(s) under unexpected keys")
+            for key in record:
+                array = record[key]
+                if len(array.shape) > MAX_PARAM_DIMS:
+                    problems.append(f"array {key!r} has {len(array.shape)} dimensions")
+                if (
+                    expected is not None
+                    and key in expected
+                    and tuple(array.shape) != tuple(expected[key])
+                ):
+                    problems.append(
+                        f"array {key!r} has shape {tuple(array.shape)}, expected {expected[key]}"
+                    )
+                if array.dtype not in ("float32", "float16", "uint16", "int64", "int32", "bool"):
+                    problems.append(f"array {key!r} has dtype {array.dtype}")
+    if content.config_records:
+        problems.append("carries a config record: a site never sends text")
+    return problems

@@ -1,0 +1,335 @@
+"""Starting and stopping Flower's processes for fedsynth, on any machine of the consortium.
+
+Used by ``fedsynth server`` (a SuperLink and a submitted run), ``fedsynth client`` (a SuperNode),
+the simulation runner and the tests. Every process gets a run-local ``FLWR_HOME`` and runtime
+dependency installation switched off (otherwise the SuperLink would ``uv sync`` the app, pulling
+a several-GB CUDA torch). Processes are started in their own process group so that stopping one
+also stops the app processes it spawned.
+
+The Flower app submitted to the SuperLink is a small folder written by :func:`write_app_dir`: its
+``pyproject.toml`` points Flower at ``server.app:app`` and ``client.app:app`` of the installed
+fedsynth, so a coordinator and the hospitals need the same fedsynth version installed, and no
+source tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+
+BIN = Path(sys.executable).parent
+APP_NAME = "fedsynth"
+
+
+class FlowerError(RuntimeError):
+    """A Flower process failed to start or a command failed; the message has its output."""
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower commands: run-local ``FLWR_HOME``, no runtime installs."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    if extra:
+        env.update(extra)
+    Path(flwr_home).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for tests and single-machine runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FlowerError(f"process exited with code {process.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FlowerError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def write_app_dir(folder: Path, version: str = "0.1.0") -> Path:
+    """Write the Flower app folder (just ``pyproject.toml``) that a run is submitted from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["setuptools>=77"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": APP_NAME, "version": version, "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": APP_NAME,
+                    "components": {
+                        "serverapp": "server.app:app",
+                        "clientapp": "client.app:app",
+                    },
+                    "config": {
+                        "config-path": "",
+                        "run-dir": "",
+                        "resume": False,
+                        "site-dirs": "",
+                        "state-root": "",
+                        "cache-dir": "",
+                    },
+                }
+            }
+        },
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    return folder
+
+
+@dataclass
+class Process:
+    """A started Flower process with its log file; ``stop()`` ends its whole process group."""
+
+    name: str
+    popen: subprocess.Popen[Any]
+    log_path: Path
+    _log: IO[str] | None = None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        """SIGKILL the process group: a crash, as far as the rest of the federation can tell."""
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def start(name: str, command: Sequence[str], env: Mapping[str, str], log_path: Path) -> Process:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("a", encoding="utf-8")
+    popen = subprocess.Popen(
+        list(command),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        start_new_session=True,
+    )
+    return Process(name, popen, log_path, log)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificate files for a TLS SuperLink (see ``fedsynth certs``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def start_superlink(
+    *,
+    flwr_home: Path,
+    host: str,
+    port: int,
+    log_path: Path,
+    tls: Tls | None,
+    node_auth: bool,
+    simulation: bool = False,
+    database: Path | None = None,
+    timeout: float = 60.0,
+) -> Process:
+    """Start ``flower-superlink`` and wait until it listens. ``tls=None`` means ``--insecure``."""
+    command = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port)]
+    command += ["--disable-runtime-dependency-installation"]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert)]
+        command += ["--ssl-keyfile", str(tls.key)]
+    if node_auth:
+        command.append("--enable-supernode-auth")
+    if simulation:
+        command.append("--simulation")
+    if database is not None:
+        command += ["--database", str(database)]
+    process = start("superlink", command, flower_env(flwr_home), log_path)
+    try:
+        wait_for_port(
+            "127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, process.popen
+        )
+    except FlowerError as exc:
+        process.stop()
+        raise FlowerError(f"SuperLink did not start: {exc}\n{process.log_text()[-4000:]}") from None
+    return process
+
+
+def start_supernode(
+    *,
+    flwr_home: Path,
+    superlink: str,
+    node_config: Mapping[str, str | int | float | bool],
+    log_path: Path,
+    root_certificates: Path | None,
+    private_key: Path | None,
+    extra_env: Mapping[str, str] | None = None,
+) -> Process:
+    """Start ``flower-supernode`` (``root_certificates=None`` means ``--insecure``)."""
+    command = [str(BIN / "flower-supernode"), "--superlink", superlink]
+    if root_certificates is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        command += ["--auth-supernode-private-key", str(private_key)]
+    command += ["--node-config", node_config_text(node_config)]
+    return start("supernode", command, flower_env(flwr_home, extra_env), log_path)
+
+
+def node_config_text(values: Mapping[str, str | int | float | bool]) -> str:
+    """``key="value" n=3`` as ``--node-config`` wants it (strings quoted, TOML style)."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}={json.dumps(str(value))}")
+    return " ".join(parts)
+
+
+def write_connection(
+    flwr_home: Path, name: str, address: str, root_certificates: Path | None
+) -> None:
+    """Add a SuperLink connection to ``FLWR_HOME/config.toml`` (what ``flwr run`` targets)."""
+    path = Path(flwr_home) / "config.toml"
+    Path(flwr_home).mkdir(parents=True, exist_ok=True)
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    import tomllib
+
+    tree: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    tree.setdefault("superlink", {})["default"] = name
+    tree["superlink"][name] = entry
+    path.write_text(tomli_w.dumps(tree), encoding="utf-8")
+
+
+def flwr(args: Sequence[str], flwr_home: Path, timeout: float = 120.0) -> str:
+    """Run a ``flwr`` CLI command; return its stdout or raise with its output."""
+    result = subprocess.run(
+        [str(BIN / "flwr"), *args],
+        env=flower_env(flwr_home, {"COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise FlowerError(
+            f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
+def register_node(flwr_home: Path, connection: str, public_key: Path, name: str) -> int:
+    """``flwr supernode register``: admit a hospital's public key under a site name."""
+    out = flwr(
+        [
+            "supernode",
+            "register",
+            str(Path(public_key).resolve()),
+            connection,
+            "--name",
+            name,
+            "--format",
+            "json",
+        ],
+        flwr_home,
+    )
+    data = json.loads(out)
+    if not data.get("success", False):
+        raise FlowerError(f"registering {public_key} failed: {out}")
+    return int(data["node-id"])
+
+
+def submit_run(
+    app_dir: Path,
+    connection: str,
+    flwr_home: Path,
+    run_config: Mapping[str, str | int | float | bool],
+    num_supernodes: int | None = None,
+) -> int:
+    """``flwr run``: submit the fedsynth app with a run config; return the Flower run ID."""
+    args = ["run", str(app_dir), connection, "--format", "json"]
+    args += ["--run-config", node_config_text(run_config)]
+    if num_supernodes is not None:
+        args += ["--federation-config", f"num-supernodes={num_supernodes}"]
+    out = flwr(args, flwr_home)
+    data = json.loads(out)
+    if not data.get("success", False):
+        raise FlowerError(f"flwr run did not start a run: {out}")
+    return int(data["run-id"])
+
+
+def run_status(run_id: int, connection: str, flwr_home: Path) -> str:
+    """The Flower run's status text (``running``, ``finished:completed``, ...)."""
+    out = flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    data = json.loads(out)
+    runs = data.get("runs", [])
+    if not runs:
+        raise FlowerError(f"run {run_id} unknown to the SuperLink: {out}")
+    return str(runs[0].get("status", "unknown"))
+
+
+def wait_run(
+    run_id: int,
+    connection: str,
+    flwr_home: Path,
+    timeout: float,
+    poll: float = 2.0,
+    watch: Sequence[Process] = (),
+) -> str:
+    """Block until the run is finished; return its final status (``finished:...``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run_status(run_id, connection, flwr_home)
+        if status.startswith("finished"):
+            return status
+        for process in watch:
+            if not process.alive():
+                raise FlowerError(f"{process.name} exited:\n{process.log_text()[-4000:]}")
+        time.sleep(poll)
+    raise FlowerError(f"run {run_id} not finished after {timeout:.0f} s")

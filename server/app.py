@@ -1,0 +1,65 @@
+"""The coordinator as a Flower ``ServerApp``.
+
+The run config (``flwr run --run-config``, or the defaults in ``pyproject.toml``) names the
+coordinator's resolved fedsynth configuration (``config-path``), the run folder (``run-dir``) and
+whether to ``resume``; in simulation it also lists the simulated sites (``site-dirs``). All other
+settings come from the fedsynth configuration, which the coordinator sends to every site.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, load_config
+from server.coordinator import Coordinator, CoordinatorStoppedError
+
+logger = logging.getLogger("fedsynth.server")
+
+app = ServerApp()
+
+
+def _setup_logging(run_dir: Path) -> None:
+    root = logging.getLogger("fedsynth")
+    if root.handlers:
+        return
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in (
+        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(run_dir / "coordinator.log", encoding="utf-8"),
+    ):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    config_path = str(run_config.get("config-path", ""))
+    run_dir_text = str(run_config.get("run-dir", ""))
+    try:
+        config = load_config(Path(config_path) if config_path else None)
+    except ConfigError as exc:
+        raise SystemExit(f"fedsynth coordinator: invalid configuration:\n{exc}") from None
+    run_dir = Path(run_dir_text) if run_dir_text else config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir)
+    site_dirs = str(run_config.get("site-dirs", "")).split(",")
+    try:
+        coordinator = Coordinator(
+            grid,
+            config,
+            run_dir,
+            resume=bool(run_config.get("resume", False)),
+            site_dirs=site_dirs,
+        )
+        coordinator.run()
+    except CoordinatorStoppedError as exc:
+        logger.error("run stopped: %s", exc)
+        (run_dir / "STOPPED").write_text(f"{exc}\n", encoding="utf-8")
+        raise SystemExit(f"fedsynth coordinator stopped: {exc}") from None

@@ -1,0 +1,480 @@
+"""The coordinator's rounds: send the global generators, check what comes back, aggregate, record.
+
+:class:`Coordinator` drives a run over a Flower ``Grid`` (a SuperLink in deployment, the simulation
+engine otherwise). Each round it
+
+1. waits (with a deadline, logging who is missing) until ``federation.min_sites`` sites are online;
+2. sends every sampled site a train instruction with the global networks;
+3. collects replies until all are in or ``round_timeout_s`` passes; a site that disconnects is
+   reported by the SuperLink and counted as failed, not waited for;
+4. refuses, with the site and every reason, replies that break the content rule
+   (:func:`common.federation.audit_reply`) or fail the numeric checks
+   (:func:`server.validation.check_update`), and stops the run with a message naming the failed
+   sites when fewer than ``min_sites`` valid updates remain;
+5. aggregates (:mod:`server.strategy`), asks the sites for paired evaluation, evaluates centrally
+   when a validation site is configured, and writes the round's checkpoint, record, JSONL line and
+   TensorBoard scalars before announcing the round on the terminal.
+
+A restarted coordinator with ``resume`` continues after the last complete round with the same
+run key, so the sites find the state each round started from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from client.federated import RoundInstruction
+from client.trainer import CycleGANTrainer
+from common.checkpoint import CheckpointMetadata
+from common.config import RunConfig, dumps_config, write_resolved_config
+from common.evaluation import evaluate_pairs, site_pairs
+from common.federation import (
+    ARRAYS,
+    CONFIG,
+    SHARED_NETS,
+    audit_reply,
+    flatten,
+    from_record,
+    record_bytes,
+    scalar_metrics,
+    to_record,
+    unflatten,
+)
+from common.io import atomic_save, atomic_write_text
+from server.checkpoint import RoundRecord, latest_round, load_round, round_dir, save_round
+from server.strategy import SiteUpdate, make_aggregator
+from server.validation import check_update
+
+logger = logging.getLogger("fedsynth.server")
+
+RUN_FILE = "run.json"
+ROUNDS_LOG = "rounds.jsonl"
+SERVER_STATE = "server_state.pt"
+POLL_S = 0.5
+REPORT_EVERY_S = 30.0
+
+
+class CoordinatorStoppedError(RuntimeError):
+    """The run cannot go on (too few sites, too few valid updates); the message says why."""
+
+
+@dataclass
+class Exchange:
+    """Replies of one send, by node, and the nodes that did not answer in time."""
+
+    replies: dict[int, Message] = field(default_factory=dict)
+    missing: set[int] = field(default_factory=set)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class RoundSummary:
+    """What :meth:`Coordinator.run_round` returns (also written to ``rounds.jsonl``)."""
+
+    round: int
+    sites: list[str]
+    accepted: list[str]
+    rejected: dict[str, list[str]]
+    train_metrics: dict[str, dict[str, float]]
+    eval_metrics: dict[str, dict[str, float]]
+    aggregated: dict[str, float]
+    central: dict[str, float]
+    bytes_up: dict[str, int]
+    bytes_down: dict[str, int]
+    seconds: float
+    train_seconds: float
+    slowest_site_seconds: float
+    overhead_seconds: float
+
+
+def _weighted(metrics: Mapping[str, Mapping[str, float]], weight_key: str) -> dict[str, float]:
+    """Example-weighted mean of every metric the sites report (weights from ``weight_key``)."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for values in metrics.values():
+        weight = float(values.get(weight_key, 1.0))
+        for key, value in values.items():
+            if key in (weight_key, "partition-id") or not math.isfinite(value):
+                continue
+            totals[key] = totals.get(key, 0.0) + weight * value
+            weights[key] = weights.get(key, 0.0) + weight
+    return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+
+
+class Coordinator:
+    """Runs a federation's rounds over ``grid`` and keeps everything under ``run_dir``.
+
+    Args:
+        grid: a Flower ``Grid``.
+        config: the resolved run configuration (sent to every site each round).
+        run_dir: where checkpoints, ``rounds.jsonl``, TensorBoard files and the config go.
+        resume: continue after the last complete round found in ``run_dir``.
+        site_dirs: simulation only, the folders of the simulated sites in partition order (names
+            the sites in logs instead of node IDs).
+    """
+
+    def __init__(
+        self,
+        grid: Any,
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        site_dirs: Iterable[str] = (),
+    ):
+        self.grid = grid
+        self.config = config
+        self.fed = config.federation
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.site_dirs = [s for s in site_dirs if s]
+        self.names: dict[int, str] = {}
+        self.aggregator = make_aggregator(self.fed)
+        self.start_round = 1
+        self.config_text = dumps_config(config)
+
+        template = CycleGANTrainer(
+            config.model,
+            config.training,
+            config.data.image_size,
+            registration=False,
+            device="cpu",
+        )
+        self.shared = SHARED_NETS[self.fed.share]
+        self.nets = {name: template.nets[name] for name in self.shared}
+        self.state = flatten(self.nets, self.shared)
+        self.run_key = self._open_run(resume)
+        self.metadata = CheckpointMetadata(
+            kind="federated",
+            direction=config.data.direction,
+            model=config.model,
+            data=config.data,
+            sites=[],
+        )
+        self._writer: Any = None
+
+    # ------------------------------------------------------------------ run bookkeeping
+
+    def _open_run(self, resume: bool) -> str:
+        run_file = self.run_dir / RUN_FILE
+        if resume:
+            if not run_file.exists():
+                raise CoordinatorStoppedError(
+                    f"--resume {self.run_dir}: no {RUN_FILE}, not a run folder"
+                )
+            run_key = str(json.loads(run_file.read_text(encoding="utf-8"))["run_key"])
+            last = latest_round(self.run_dir)
+            if last is not None:
+                _, networks, _ = load_round(self.run_dir, last)
+                for name in self.shared:
+                    self.nets[name].load_state_dict(networks[name])
+                self.state = flatten(self.nets, self.shared)
+                server_state = round_dir(self.run_dir, last) / SERVER_STATE
+                if server_state.exists():
+                    self.aggregator.load_state_dict(torch.load(server_state, weights_only=True))
+                self.start_round = last + 1
+            logger.info("resuming %s after round %s", self.run_dir, last or 0)
+            return run_key
+        if latest_round(self.run_dir) is not None:
+            raise CoordinatorStoppedError(
+                f"{self.run_dir} already holds completed rounds: pass --resume to continue it, "
+                "or choose another run folder"
+            )
+        run_key = uuid.uuid4().hex[:16]
+        write_resolved_config(self.config, self.run_dir)
+        atomic_write_text(run_file, json.dumps({"run_key": run_key}, indent=2) + "\n")
+        return run_key
+
+    def _tensorboard(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
+
+    def site_name(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node-{node_id}")
+
+    def _learn_names(self) -> None:
+        for info in self.grid.get_nodes():
+            if getattr(info, "name", "") and info.node_id not in self.names:
+                self.names[info.node_id] = str(info.name)
+
+    def _name_from_partition(self, node_id: int, metrics: Mapping[str, float]) -> None:
+        pid = metrics.get("partition-id")
+        if pid is not None and 0 <= int(pid) < len(self.site_dirs):
+            self.names[node_id] = Path(self.site_dirs[int(pid)]).name
+
+    # ------------------------------------------------------------------ messaging
+
+    def _wait_for_sites(self, round_number: int) -> list[int]:
+        deadline = time.monotonic() + self.fed.round_timeout_s
+        last_report = 0.0
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            self._learn_names()
+            if len(nodes) >= self.fed.min_sites:
+                return nodes
+            now = time.monotonic()
+            if now >= deadline:
+                known = sorted(set(self.names.values()) - {self.site_name(n) for n in nodes})
+                raise CoordinatorStoppedError(
+                    f"round {round_number}: {len(nodes)} site(s) online after "
+                    f"{self.fed.round_timeout_s:.0f} s, federation.min_sites is "
+                    f"{self.fed.min_sites}"
+                    + (f"; not connected: {', '.join(known)}" if known else "")
+                )
+            if now - last_report >= REPORT_EVERY_S:
+                logger.info(
+                    "round %d: waiting for sites (%d online, need %d)",
+                    round_number,
+                    len(nodes),
+                    self.fed.min_sites,
+                )
+                last_report = now
+            time.sleep(POLL_S)
+
+    def _exchange(self, nodes: list[int], kind: str, round_number: int) -> Exchange:
+        instruction = RoundInstruction(
+            round=round_number,
+            lr=self.config.training.lr
+            * self.fed.round_lr_factor(round_number, self.config.training),
+            local_epochs=self.fed.local_epochs,
+            local_steps=self.fed.local_steps or 0,
+            proximal_mu=self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0,
+            share=self.fed.share,
+            wire_dtype=self.fed.wire_dtype,
+            run_key=self.run_key,
+            run_config=self.config_text,
+        )
+        arrays = to_record(self.state, self.fed.wire_dtype)
+        down = record_bytes(arrays)
+        messages = [
+            Message(
+                RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instruction.to_record())}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN if kind == "train" else MessageType.EVALUATE,
+                group_id=f"{kind}-{round_number}",
+                ttl=self.fed.round_timeout_s,
+            )
+            for node in nodes
+        ]
+        ids = list(self.grid.push_messages(messages))
+        pending = dict(zip(ids, nodes, strict=True))
+        result = Exchange(bytes_down=dict.fromkeys(nodes, down))
+        deadline = time.monotonic() + self.fed.round_timeout_s
+        last_report = time.monotonic()
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    result.replies[node] = reply
+            if pending:
+                if time.monotonic() - last_report >= REPORT_EVERY_S:
+                    waiting = ", ".join(self.site_name(n) for n in pending.values())
+                    logger.info("round %d %s: waiting for %s", round_number, kind, waiting)
+                    last_report = time.monotonic()
+                time.sleep(POLL_S)
+        result.missing = set(pending.values())
+        return result
+
+    # ------------------------------------------------------------------ one round
+
+    def _select(self, nodes: list[int], round_number: int) -> list[int]:
+        count = max(self.fed.min_sites, math.ceil(self.fed.fraction_train * len(nodes)))
+        if count >= len(nodes):
+            return nodes
+        rng = random.Random(self.config.training.seed * 7919 + round_number)
+        return sorted(rng.sample(nodes, count))
+
+    def run_round(self, round_number: int) -> RoundSummary:
+        start = time.perf_counter()
+        nodes = self._select(self._wait_for_sites(round_number), round_number)
+        exchange = self._exchange(nodes, "train", round_number)
+        shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        updates: list[SiteUpdate] = []
+        rejected: dict[str, list[str]] = {}
+        train_metrics: dict[str, dict[str, float]] = {}
+        bytes_up: dict[str, int] = {}
+        for node in sorted(exchange.missing):
+            rejected[self.site_name(node)] = [
+                f"no reply within federation.round_timeout_s = {self.fed.round_timeout_s:g} s"
+            ]
+        for node, reply in sorted(exchange.replies.items()):
+            if reply.has_error():
+                rejected[self.site_name(node)] = [f"site error: {reply.error.reason}"]
+                continue
+            problems = audit_reply(reply.content, kind="train", expected=shapes)
+            metrics: dict[str, float] = {}
+            if not problems:
+                metrics = scalar_metrics(reply.content)
+                self._name_from_partition(node, metrics)
+            site = self.site_name(node)
+            if problems:
+                rejected[site] = problems
+                continue
+            record = reply.content.array_records[ARRAYS]
+            bytes_up[site] = record_bytes(record)
+            state = from_record(record, self.fed.wire_dtype, self.state)
+            check = check_update(state, self.state, max_update_norm=self.fed.max_update_norm)
+            examples = int(metrics.get("num-examples", 0))
+            if examples <= 0:
+                check.problems.append("num-examples must be a positive count")
+            if not check.ok:
+                rejected[site] = check.problems
+                continue
+            metrics["update-norm"] = float(check.delta_norm or 0.0)
+            train_metrics[site] = metrics
+            updates.append(SiteUpdate(site, state, examples))
+        for site, reasons in sorted(rejected.items()):
+            logger.warning("round %d: left out %s: %s", round_number, site, "; ".join(reasons))
+        if len(updates) < self.fed.min_sites:
+            raise CoordinatorStoppedError(
+                f"round {round_number}: {len(updates)} valid update(s), federation.min_sites is "
+                f"{self.fed.min_sites}; failed or missing: "
+                + (
+                    ", ".join(f"{s} ({'; '.join(r)})" for s, r in sorted(rejected.items()))
+                    or "none"
+                )
+            )
+        train_seconds = time.perf_counter() - start
+        slowest = max(m.get("seconds", 0.0) for m in train_metrics.values())
+
+        self.state = self.aggregator.aggregate(self.state, updates)
+        for name, params in unflatten(self.state).items():
+            self.nets[name].load_state_dict(params)
+
+        eval_metrics: dict[str, dict[str, float]] = {}
+        if self.fed.evaluate_sites:
+            evaluation = self._exchange(sorted(exchange.replies), "evaluate", round_number)
+            for node, reply in sorted(evaluation.replies.items()):
+                site = self.site_name(node)
+                if reply.has_error():
+                    logger.info(
+                        "round %d: %s did not evaluate: %s", round_number, site, reply.error.reason
+                    )
+                    continue
+                problems = audit_reply(reply.content, kind="evaluate", expected=None)
+                if problems:
+                    logger.warning(
+                        "round %d: ignored %s's evaluation: %s",
+                        round_number,
+                        site,
+                        "; ".join(problems),
+                    )
+                    continue
+                eval_metrics[site] = scalar_metrics(reply.content)
+        central = self._central_evaluation()
+        aggregated = {f"train/{k}": v for k, v in _weighted(train_metrics, "num-examples").items()}
+        aggregated.update(
+            {f"eval/{k}": v for k, v in _weighted(eval_metrics, "num-examples").items()}
+        )
+        aggregated.update({f"central/{k}": v for k, v in central.items()})
+        seconds = time.perf_counter() - start
+        summary = RoundSummary(
+            round=round_number,
+            sites=[self.site_name(n) for n in nodes],
+            accepted=[u.site for u in updates],
+            rejected=rejected,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            aggregated=aggregated,
+            central=central,
+            bytes_up=bytes_up,
+            bytes_down={self.site_name(n): b for n, b in exchange.bytes_down.items()},
+            seconds=seconds,
+            train_seconds=train_seconds,
+            slowest_site_seconds=slowest,
+            overhead_seconds=train_seconds - slowest,
+        )
+        self._record(summary)
+        return summary
+
+    def _central_evaluation(self) -> dict[str, float]:
+        site = self.fed.validation_site
+        if site is None:
+            return {}
+        name, pairs = site_pairs(site, self.config.data, self.run_dir / "cache")
+        net = self.nets["g_ab"]
+        net.eval()
+
+        def translate(slices: np.ndarray, chunk: int = 16) -> np.ndarray:
+            with torch.no_grad():
+                parts = [
+                    net(torch.from_numpy(slices[i : i + chunk])[:, None])[:, 0]
+                    for i in range(0, len(slices), chunk)
+                ]
+            return torch.cat(parts).numpy()
+
+        report = evaluate_pairs(name, self.config.data.direction, pairs, translate)
+        return {k: float(v) for k, v in report.mean.items()}
+
+    def _record(self, summary: RoundSummary) -> None:
+        record = RoundRecord(
+            round=summary.round,
+            aggregated=summary.aggregated,
+            per_site={**summary.train_metrics},
+            bytes_per_site=summary.bytes_up,
+            epsilon_per_site={
+                s: m["epsilon"] for s, m in summary.train_metrics.items() if "epsilon" in m
+            },
+            rejected=summary.rejected,
+            seconds=summary.seconds,
+        )
+        self.metadata.sites = sorted(set(self.metadata.sites) | set(summary.accepted))
+        folder = save_round(self.run_dir, self.nets, self.metadata, record)
+        atomic_save(
+            folder / SERVER_STATE, lambda tmp: torch.save(self.aggregator.state_dict(), tmp)
+        )
+        with (self.run_dir / ROUNDS_LOG).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(asdict(summary), sort_keys=True) + "\n")
+        writer = self._tensorboard()
+        for key, value in summary.aggregated.items():
+            writer.add_scalar(key, value, summary.round)
+        for site, metrics in summary.train_metrics.items():
+            for key in ("loss_g", "loss_cycle", "seconds"):
+                if key in metrics:
+                    writer.add_scalar(f"site/{site}/{key}", metrics[key], summary.round)
+        writer.add_scalar("round/seconds", summary.seconds, summary.round)
+        writer.add_scalar("round/overhead_seconds", summary.overhead_seconds, summary.round)
+        writer.flush()
+        psnr = summary.aggregated.get("eval/psnr", summary.aggregated.get("central/psnr"))
+        logger.info(
+            "round %d/%d: %d/%d sites accepted%s, G %.4f, %s, up %.2f MB/site, %.1f s "
+            "(overhead %.1f s)",
+            summary.round,
+            self.fed.rounds,
+            len(summary.accepted),
+            len(summary.sites),
+            f" (left out: {', '.join(sorted(summary.rejected))})" if summary.rejected else "",
+            summary.aggregated.get("train/loss_g", math.nan),
+            f"PSNR {psnr:.2f} dB" if psnr is not None else "no evaluation",
+            (sum(summary.bytes_up.values()) / max(len(summary.bytes_up), 1)) / 1e6,
+            summary.seconds,
+            summary.overhead_seconds,
+        )
+
+    # ------------------------------------------------------------------ whole run
+
+    def run(self) -> list[RoundSummary]:
+        """Run the remaining rounds; return their summaries."""
+        summaries = []
+        for round_number in range(self.start_round, self.fed.rounds + 1):
+            summaries.append(self.run_round(round_number))
+        if self._writer is not None:
+            self._writer.close()
+        logger.info("run complete: %s", round_dir(self.run_dir, self.fed.rounds))
+        return summaries

@@ -1,0 +1,209 @@
+"""``fedsynth server``: start a SuperLink, admit the hospitals, run the coordinator, stop cleanly.
+
+The run folder holds everything: ``config.resolved.toml`` (what every site receives), the Flower
+state (``flwr/``, ``superlink.db`` so that node registrations survive a restart), the SuperLink log,
+``coordinator.log``, ``rounds.jsonl``, TensorBoard scalars and ``rounds/round-NNNN`` checkpoints.
+
+TLS and node authentication are on unless ``insecure`` is asked for explicitly; then the coordinator
+prints a warning on every start, because anyone who can reach the port can join and read the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import __version__
+from common.config import RunConfig, write_resolved_config
+from common.flower import (
+    FlowerError,
+    Process,
+    Tls,
+    register_node,
+    start_superlink,
+    submit_run,
+    wait_run,
+    write_app_dir,
+    write_connection,
+)
+
+logger = logging.getLogger("fedsynth.server")
+
+CONNECTION = "fedsynth"
+INSECURE_WARNING = (
+    "INSECURE: TLS and node authentication are OFF. Traffic (model weights, metrics) is "
+    "readable on the network and any machine that reaches this port can join the federation. "
+    "Use this only on a loopback or test network."
+)
+
+
+@dataclass
+class ServeOptions:
+    """How to run the coordinator.
+
+    Attributes:
+        run_dir: the run folder (created; with ``resume`` it must hold a run).
+        host, port: where the SuperLink listens (hospitals connect to ``host:port``).
+        certs: a folder from ``fedsynth certs`` (``ca.crt``, ``server.crt``, ``server.key``);
+            ``None`` only together with ``insecure``.
+        sites: site name -> public key file to register (node authentication).
+        insecure: no TLS, no node authentication.
+        resume: continue the run in ``run_dir`` after its last complete round.
+        timeout_s: give up on the whole run after this long (default: rounds x (round timeout x 2)).
+        site_dirs / state_root / num_supernodes: simulation only.
+    """
+
+    run_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    certs: Path | None = None
+    sites: Mapping[str, Path] = field(default_factory=dict)
+    insecure: bool = False
+    resume: bool = False
+    timeout_s: float | None = None
+    simulation: bool = False
+    site_dirs: Sequence[Path] = ()
+    state_root: Path | None = None
+    num_supernodes: int | None = None
+
+
+@dataclass
+class RunOutcome:
+    status: str
+    run_id: int
+    run_dir: Path
+    stopped: str | None  # the coordinator's reason when it stopped early
+
+
+def tls_files(certs: Path) -> Tls:
+    certs = Path(certs).resolve()
+    files = Tls(ca=certs / "ca.crt", cert=certs / "server.crt", key=certs / "server.key")
+    missing = [p for p in (files.ca, files.cert, files.key) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{certs}: missing {', '.join(p.name for p in missing)} (make them with "
+            "`fedsynth certs`)"
+        )
+    return files
+
+
+class Superlink:
+    """A SuperLink for one run folder, as a context manager that always stops it."""
+
+    def __init__(self, options: ServeOptions):
+        if not options.insecure and options.certs is None:
+            raise ValueError("a coordinator needs --certs (or --insecure, for tests only)")
+        self.options = options
+        self.run_dir = Path(options.run_dir)
+        self.flwr_home = self.run_dir / "flwr"
+        self.tls = None if options.insecure else tls_files(Path(str(options.certs)))
+        self.process: Process | None = None
+
+    def __enter__(self) -> Superlink:
+        opts = self.options
+        if opts.insecure and not opts.simulation:
+            logger.warning(INSECURE_WARNING)
+        self.process = start_superlink(
+            flwr_home=self.flwr_home,
+            host=opts.host,
+            port=opts.port,
+            log_path=self.run_dir / "superlink.log",
+            tls=self.tls,
+            node_auth=not opts.insecure and not opts.simulation,
+            simulation=opts.simulation,
+            database=None if opts.simulation else self.run_dir / "superlink.db",
+        )
+        local = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
+        write_connection(
+            self.flwr_home,
+            CONNECTION,
+            f"{local}:{opts.port}",
+            None if self.tls is None else self.tls.ca,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def register(self, sites: Mapping[str, Path]) -> dict[str, int]:
+        """Register each site's public key under its name (already registered keys are kept)."""
+        ids = {}
+        for name, key in sites.items():
+            try:
+                ids[name] = register_node(self.flwr_home, CONNECTION, key, name)
+                logger.info("registered %s (node %d)", name, ids[name])
+            except FlowerError as exc:
+                if "already" in str(exc).lower():
+                    logger.info("%s is already registered", name)
+                    continue
+                raise
+        return ids
+
+
+def _tail(path: Path, offset: int, echo: Callable[[str], None]) -> int:
+    if not path.exists():
+        return offset
+    with path.open("r", encoding="utf-8", errors="replace") as handle:
+        handle.seek(offset)
+        for line in handle:
+            echo(line.rstrip("\n"))
+        return handle.tell()
+
+
+def run_federation(
+    config: RunConfig, options: ServeOptions, echo: Callable[[str], None] = print
+) -> RunOutcome:
+    """Start the SuperLink, register sites, submit the run, follow it, stop the SuperLink."""
+    run_dir = Path(options.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.resolved.toml"
+    if options.resume:
+        if not config_path.exists():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.resolved.toml there")
+    else:
+        write_resolved_config(config, run_dir)
+    (run_dir / "STOPPED").unlink(missing_ok=True)
+    rounds = config.federation.rounds
+    timeout = options.timeout_s or rounds * 2 * config.federation.round_timeout_s + 600
+    run_config: dict[str, str | int | float | bool] = {
+        "config-path": str(config_path.resolve()),
+        "run-dir": str(run_dir.resolve()),
+        "resume": options.resume,
+    }
+    if options.simulation:
+        run_config["site-dirs"] = ",".join(str(Path(s).resolve()) for s in options.site_dirs)
+        run_config["cache-dir"] = str((run_dir / "cache").resolve())
+        if options.state_root is not None:
+            run_config["state-root"] = str(Path(options.state_root).resolve())
+    with Superlink(options) as link:
+        if options.sites:
+            link.register(options.sites)
+        app_dir = write_app_dir(run_dir / "app", __version__)
+        run_id = submit_run(
+            app_dir, CONNECTION, link.flwr_home, run_config, num_supernodes=options.num_supernodes
+        )
+        echo(f"run {run_id} submitted; following {run_dir / 'coordinator.log'}")
+        offset = 0
+        deadline = time.monotonic() + timeout
+        status = "running"
+        assert link.process is not None
+        while True:
+            offset = _tail(run_dir / "coordinator.log", offset, echo)
+            try:
+                status = wait_run(
+                    run_id, CONNECTION, link.flwr_home, timeout=2.0, poll=1.0, watch=[link.process]
+                )
+                break
+            except FlowerError as exc:
+                if "not finished" not in str(exc):
+                    raise
+            if time.monotonic() > deadline:
+                raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s")
+        _tail(run_dir / "coordinator.log", offset, echo)
+    stopped_file = run_dir / "STOPPED"
+    stopped = stopped_file.read_text(encoding="utf-8").strip() if stopped_file.exists() else None
+    return RunOutcome(status=status, run_id=run_id, run_dir=run_dir, stopped=stopped)
