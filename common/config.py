@@ -217,6 +217,12 @@ class FederationConfig(_Section):
         None, description="A site folder no hospital trains on: central paired evaluation."
     )
     evaluate_sites: bool = Field(True, description="Ask sites for paired evaluation each round.")
+    rejoin_grace_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="At a round's start, wait up to this long for sites that took part before "
+        "and are offline (a restarting daemon) before going on without them.",
+    )
 
     @model_validator(mode="after")
     def _check_rounds(self) -> Self:

@@ -142,6 +142,7 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.site_dirs = [s for s in site_dirs if s]
         self.names: dict[int, str] = {}
+        self.known_sites: set[str] = set()  # sites that sent a valid update in some round
         self.aggregator = make_aggregator(self.fed)
         self.start_round = 1
         self.config_text = dumps_config(config)
@@ -186,6 +187,8 @@ class Coordinator:
                 if server_state.exists():
                     self.aggregator.load_state_dict(torch.load(server_state, weights_only=True))
                 self.start_round = last + 1
+                _, _, record = load_round(self.run_dir, last)
+                self.known_sites = set(record.per_site)
             logger.info("resuming %s after round %s", self.run_dir, last or 0)
             return run_key
         if latest_round(self.run_dir) is not None:
@@ -221,14 +224,25 @@ class Coordinator:
     # ------------------------------------------------------------------ messaging
 
     def _wait_for_sites(self, round_number: int) -> list[int]:
-        deadline = time.monotonic() + self.fed.round_timeout_s
+        """Online nodes once ``min_sites`` are there and earlier participants had their grace."""
+        start = time.monotonic()
+        deadline = start + self.fed.round_timeout_s
         last_report = 0.0
         while True:
             nodes = sorted(self.grid.get_node_ids())
             self._learn_names()
-            if len(nodes) >= self.fed.min_sites:
-                return nodes
             now = time.monotonic()
+            if len(nodes) >= self.fed.min_sites:
+                absent = self.known_sites - {self.site_name(n) for n in nodes}
+                if not absent or now - start >= self.fed.rejoin_grace_s:
+                    if absent:
+                        logger.warning(
+                            "round %d: going on without %s (offline after %.0f s of grace)",
+                            round_number,
+                            ", ".join(sorted(absent)),
+                            self.fed.rejoin_grace_s,
+                        )
+                    return nodes
             if now >= deadline:
                 known = sorted(set(self.names.values()) - {self.site_name(n) for n in nodes})
                 raise CoordinatorStoppedError(
@@ -239,10 +253,13 @@ class Coordinator:
                 )
             if now - last_report >= REPORT_EVERY_S:
                 logger.info(
-                    "round %d: waiting for sites (%d online, need %d)",
+                    "round %d: waiting for sites (%d online, need %d; earlier participants "
+                    "offline: %s)",
                     round_number,
                     len(nodes),
                     self.fed.min_sites,
+                    ", ".join(sorted(self.known_sites - {self.site_name(n) for n in nodes}))
+                    or "none",
                 )
                 last_report = now
             time.sleep(POLL_S)
@@ -272,23 +289,32 @@ class Coordinator:
             )
             for node in nodes
         ]
-        ids = list(self.grid.push_messages(messages))
-        pending = dict(zip(ids, nodes, strict=True))
+        accepted = set(self.grid.push_messages(messages))
+        pending = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in messages
+            if m.metadata.message_id in accepted
+        }
         result = Exchange(bytes_down=dict.fromkeys(nodes, down))
+        undelivered = set(nodes) - set(pending.values())
+        for node in undelivered:
+            logger.warning(
+                "round %d %s: could not send to %s", round_number, kind, self.site_name(node)
+            )
         deadline = time.monotonic() + self.fed.round_timeout_s
         last_report = time.monotonic()
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    result.replies[node] = reply
+                answered = reply.metadata.reply_to_message_id
+                if answered in pending:
+                    result.replies[pending.pop(answered)] = reply
             if pending:
                 if time.monotonic() - last_report >= REPORT_EVERY_S:
                     waiting = ", ".join(self.site_name(n) for n in pending.values())
                     logger.info("round %d %s: waiting for %s", round_number, kind, waiting)
                     last_report = time.monotonic()
                 time.sleep(POLL_S)
-        result.missing = set(pending.values())
+        result.missing = set(pending.values()) | undelivered
         return result
 
     # ------------------------------------------------------------------ one round
@@ -339,6 +365,7 @@ class Coordinator:
             metrics["update-norm"] = float(check.delta_norm or 0.0)
             train_metrics[site] = metrics
             updates.append(SiteUpdate(site, state, examples))
+        self.known_sites |= {u.site for u in updates}
         for site, reasons in sorted(rejected.items()):
             logger.warning("round %d: left out %s: %s", round_number, site, "; ".join(reasons))
         if len(updates) < self.fed.min_sites:
@@ -380,14 +407,18 @@ class Coordinator:
         central = self._central_evaluation()
         aggregated = {f"train/{k}": v for k, v in _weighted(train_metrics, "num-examples").items()}
         aggregated.update(
-            {f"eval/{k}": v for k, v in _weighted(eval_metrics, "num-examples").items()}
+            {
+                f"eval/{k}": v
+                for k, v in _weighted(eval_metrics, "num-examples").items()
+                if k not in ("num-subjects", "seconds")
+            }
         )
         aggregated.update({f"central/{k}": v for k, v in central.items()})
         seconds = time.perf_counter() - start
         summary = RoundSummary(
             round=round_number,
             sites=[self.site_name(n) for n in nodes],
-            accepted=[u.site for u in updates],
+            accepted=sorted(u.site for u in updates),
             rejected=rejected,
             train_metrics=train_metrics,
             eval_metrics=eval_metrics,

@@ -1,0 +1,97 @@
+"""The site's side of a round: FedProx term, per-round state, node settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.federated import DiskStore, MemoryStore, SiteError, SiteSettings
+from client.trainer import CycleGANTrainer
+from tests.client.test_trainer import SIZE, TINY, _batches, _training
+
+
+def _generator_shift(trainer: CycleGANTrainer, start: dict[str, torch.Tensor]) -> float:
+    now = {
+        f"{n}.{k}": v
+        for n, net in trainer.generators().items()
+        for k, v in net.state_dict().items()
+    }
+    return float(sum(((now[k] - start[k]) ** 2).sum() for k in start) ** 0.5)
+
+
+def test_proximal_term_is_the_squared_distance_and_holds_weights_back() -> None:
+    shifts = {}
+    for mu in (0.0, 50.0):
+        trainer = CycleGANTrainer(TINY, _training(lr=1e-2), SIZE)
+        start = {
+            f"{n}.{k}": v.clone()
+            for n, net in trainer.generators().items()
+            for k, v in net.state_dict().items()
+        }
+        trainer.set_proximal(mu)
+        with torch.no_grad():
+            assert float(trainer._proximal_term()) == 0.0
+        metrics = {}
+        for batch in _batches(6):
+            metrics = trainer.train_step(batch)
+        if mu > 0:
+            # Independent computation of ||w - w0||^2 over the generators' parameters.
+            expected = sum(
+                float(((p.detach() - start[f"{n}.{k}"]) ** 2).sum())
+                for n, net in trainer.generators().items()
+                for k, p in net.named_parameters()
+            )
+            with torch.no_grad():
+                assert float(trainer._proximal_term()) == pytest.approx(expected, rel=1e-5)
+            assert metrics["loss_proximal"] > 0
+        else:
+            assert "loss_proximal" not in metrics
+        shifts[mu] = _generator_shift(trainer, start)
+    assert shifts[50.0] < shifts[0.0]
+
+
+def test_set_lr_reaches_every_optimiser() -> None:
+    trainer = CycleGANTrainer(TINY, _training(), SIZE)
+    trainer.set_lr(1.25e-4)
+    assert {g["lr"] for o in trainer.optimizers.values() for g in o.param_groups} == {1.25e-4}
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_state_store_returns_the_state_a_round_started_from(kind: str, tmp_path: Path) -> None:
+    store = DiskStore(tmp_path) if kind == "disk" else MemoryStore()
+    assert store.load("run", 1) is None
+    for number in range(1, 6):
+        store.save("run", number, f"state after {number}".encode())
+    assert store.load("run", 6) == b"state after 5"
+    assert store.load("run", 5) == b"state after 4"  # a resumed round 5 starts from round 4
+    assert store.load("run", 3) is None  # only the last three are kept
+    assert store.load("other-run", 6) is None
+    if kind == "disk":
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+            "state-round-0003.pt",
+            "state-round-0004.pt",
+            "state-round-0005.pt",
+        ]
+
+
+def test_site_settings_from_node_or_simulation_config(tmp_path: Path) -> None:
+    deployed = SiteSettings.from_configs(
+        {"data-dir": str(tmp_path / "bids"), "state-dir": str(tmp_path / "s"), "device": "cuda:0"},
+        {},
+    )
+    assert deployed.data_dir == tmp_path / "bids" and deployed.device == "cuda:0"
+    assert deployed.cache_dir == tmp_path / "s" / "cache"
+    simulated = SiteSettings.from_configs(
+        {"partition-id": 1, "num-partitions": 2},
+        {"site-dirs": "/a/site-1,/a/site-2", "state-root": str(tmp_path), "cache-dir": "/c"},
+    )
+    assert simulated.data_dir == Path("/a/site-2") and simulated.partition_id == 1
+    assert simulated.state_dir == tmp_path / "site-1" and simulated.cache_dir == Path("/c")
+    with pytest.raises(SiteError, match="no data-dir"):
+        SiteSettings.from_configs({}, {})
+    with pytest.raises(SiteError, match="partition 5"):
+        SiteSettings.from_configs({"partition-id": 5}, {"site-dirs": "/a,/b"})
+    with pytest.raises(SiteError, match="fault"):
+        SiteSettings.from_configs({"data-dir": "/x", "fault": "explode"}, {})

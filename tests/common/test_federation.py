@@ -1,0 +1,86 @@
+"""The content rule for site replies, and network state on the wire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.federation import (
+    ARRAYS,
+    METRICS,
+    audit_reply,
+    flatten,
+    from_record,
+    record_bytes,
+    to_record,
+    unflatten,
+)
+
+EXPECTED = {"g_ab.w": (8, 1, 3, 3), "g_ab.b": (8,)}
+
+
+def _reply(**extra: object) -> RecordDict:
+    arrays = ArrayRecord(
+        {k: Array(np.zeros(shape, dtype=np.float32)) for k, shape in EXPECTED.items()}
+    )
+    records: dict[str, object] = {ARRAYS: arrays, METRICS: MetricRecord({"num-examples": 12})}
+    records.update(extra)
+    return RecordDict(records)  # type: ignore[arg-type]
+
+
+def test_a_well_formed_reply_passes() -> None:
+    assert audit_reply(_reply(), kind="train", expected=EXPECTED) == []
+
+
+def test_text_records_and_unknown_metrics_are_refused() -> None:
+    bad = _reply(notes=ConfigRecord({"subject": "sub-007"}))
+    problems = audit_reply(bad, kind="train", expected=EXPECTED)
+    assert any("config record" in p for p in problems)
+    assert any("unexpected records: notes" in p for p in problems)
+    extra_metric = _reply()
+    extra_metric.metric_records[METRICS]["subject-age"] = 54
+    problems = audit_reply(extra_metric, kind="train", expected=EXPECTED)
+    assert problems == ["metrics outside the whitelist: subject-age"]
+
+
+def test_image_shaped_or_unexpected_arrays_are_refused() -> None:
+    reply = _reply()
+    reply.array_records[ARRAYS]["slice"] = Array(np.zeros((1, 1, 64, 64, 1), dtype=np.float32))
+    problems = audit_reply(reply, kind="train", expected=EXPECTED)
+    assert any("unexpected keys" in p for p in problems)
+    assert any("5 dimensions" in p for p in problems)
+    wrong = _reply()
+    wrong.array_records[ARRAYS]["g_ab.w"] = Array(np.zeros((8, 1, 3, 2), dtype=np.float32))
+    assert any(
+        "expected (8, 1, 3, 3)" in p for p in audit_reply(wrong, kind="train", expected=EXPECTED)
+    )
+
+
+def test_evaluate_replies_carry_metrics_only() -> None:
+    assert (
+        audit_reply(
+            RecordDict({METRICS: MetricRecord({"psnr": 20.0})}), kind="evaluate", expected=None
+        )
+        == []
+    )
+    assert audit_reply(_reply(), kind="evaluate", expected=None) == ["unexpected records: arrays"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bytes_per_value"), [("float32", 4), ("float16", 2), ("bfloat16", 2)]
+)
+def test_state_round_trips_through_a_record(dtype: str, bytes_per_value: int) -> None:
+    nets = {"g_ab": torch.nn.Conv2d(1, 4, 3), "g_ba": torch.nn.Conv2d(1, 4, 3)}
+    state = flatten(nets, ["g_ab", "g_ba"])
+    assert set(state) == {"g_ab.weight", "g_ab.bias", "g_ba.weight", "g_ba.bias"}
+    record = to_record(state, dtype)
+    values = sum(v.numel() for v in state.values())
+    assert record_bytes(record) == values * bytes_per_value
+    back = from_record(record, dtype)
+    tolerance = {"float32": 0.0, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
+    for key, value in state.items():
+        assert back[key].dtype == torch.float32
+        torch.testing.assert_close(back[key], value, atol=tolerance, rtol=tolerance)
+    assert set(unflatten(back)) == {"g_ab", "g_ba"}

@@ -1,0 +1,40 @@
+"""``fedsynth certs``: a CA that signs a server certificate, and node keys Flower can load."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from server.certs import make_certificates
+
+
+def test_certificates_chain_and_keys(tmp_path: Path) -> None:
+    made = make_certificates(tmp_path, ["site-a", "site-b"], hosts=["coordinator.example.org"])
+    ca = x509.load_pem_x509_certificate(made.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(made.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "coordinator.example.org" in names.get_values_for_type(x509.DNSName)
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for private, public in made.node_keys.values():
+        key = load_ssh_private_key(private.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        pub = load_ssh_public_key(public.read_bytes())
+        assert pub.public_numbers() == key.public_key().public_numbers()
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(made.ca_key.stat().st_mode) == 0o600
+
+
+def test_refuses_to_overwrite_a_ca_or_take_odd_names(tmp_path: Path) -> None:
+    make_certificates(tmp_path, ["site-a"])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_certificates(tmp_path, ["site-a"])
+    with pytest.raises(ValueError, match="site names"):
+        make_certificates(tmp_path / "x", ["../evil"])

@@ -1,0 +1,174 @@
+"""The coordinator's rounds against the real ClientApp, over an in-process transport double."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from common.federation import ARRAYS, METRICS
+from server.checkpoint import latest_round, round_dir
+from server.coordinator import Coordinator, CoordinatorStoppedError
+from tests.federation import FakeGrid, phantom_sites, tiny_config
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return phantom_sites(tmp_path_factory.mktemp("consortium"))
+
+
+def _nodes(sites: list[Path], tmp: Path, **extra: dict[str, str]) -> dict[int, dict[str, str]]:
+    nodes = {}
+    for index, site in enumerate(sites, start=1):
+        config = {"data-dir": str(site), "state-dir": str(tmp / f"state-{index}")}
+        config.update(extra.get(site.name, {}))
+        nodes[index] = config
+    return nodes
+
+
+def _names(sites: list[Path]) -> dict[int, str]:
+    return {i: s.name for i, s in enumerate(sites, start=1)}
+
+
+def test_round_is_the_example_weighted_mean_of_the_site_updates(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    config = tiny_config("federation.rounds=1", "federation.min_sites=3")
+    grid = FakeGrid(_nodes(sites, tmp_path), names=_names(sites))
+    coordinator = Coordinator(grid, config, tmp_path / "run")
+    summary = coordinator.run()[0]
+
+    assert summary.accepted == ["site-1", "site-2", "site-3"]
+    assert not summary.rejected
+    trained = [(n, r) for n, r in grid.replies if r.metadata.message_type == "train"]
+    assert len(trained) == 3
+    # Independent computation: numpy weighted mean of the replies' arrays.
+    weights = {n: float(r.content.metric_records[METRICS]["num-examples"]) for n, r in trained}
+    # Sites of 3, 2 and 1 subjects (unpaired split: 2+1, 1+1, 1+1 volumes): the largest site
+    # trains on more examples and gets more weight.
+    assert weights[1] > weights[2] >= weights[3] > 0
+    total = sum(weights.values())
+    saved = load_file(str(round_dir(tmp_path / "run", 1) / "generators.safetensors"))
+    some_keys = [k for k in trained[0][1].content.array_records[ARRAYS] if k.startswith("g_ab.")]
+    for key in some_keys[:5]:
+        expected = sum(
+            weights[n] / total * r.content.array_records[ARRAYS][key].numpy().astype(np.float64)
+            for n, r in trained
+        )
+        stored = saved[key] if key in saved else saved[key.removeprefix("g_ab.")]
+        np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+    record = json.loads((round_dir(tmp_path / "run", 1) / "round.json").read_text())
+    assert set(record["per_site"]) == {"site-1", "site-2", "site-3"}
+    assert record["bytes_per_site"]["site-1"] == sum(
+        a.numpy().nbytes for a in trained[0][1].content.array_records[ARRAYS].values()
+    )
+    assert latest_round(tmp_path / "run") == 1
+
+
+def test_nan_and_misshapen_updates_are_left_out_and_logged(
+    sites: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config(
+        "federation.rounds=1", "federation.min_sites=1", "federation.evaluate_sites=false"
+    )
+    nodes = _nodes(sites, tmp_path, **{"site-2": {"fault": "nan"}, "site-3": {"fault": "shape"}})
+    grid = FakeGrid(nodes, names=_names(sites))
+    with caplog.at_level(logging.WARNING, logger="fedsynth.server"):
+        summary = Coordinator(grid, config, tmp_path / "run").run()[0]
+    assert summary.accepted == ["site-1"]
+    assert "NaN" in " ".join(summary.rejected["site-2"])
+    assert "shape" in " ".join(summary.rejected["site-3"])
+    logged = caplog.text
+    assert "left out site-2" in logged and "left out site-3" in logged
+    saved = load_file(str(round_dir(tmp_path / "run", 1) / "generators.safetensors"))
+    assert all(np.isfinite(v).all() for v in saved.values())
+
+
+def test_too_few_valid_updates_stop_the_run_naming_the_sites(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    config = tiny_config("federation.rounds=2", "federation.min_sites=3")
+    nodes = _nodes(sites, tmp_path, **{"site-2": {"fault": "nan"}})
+    grid = FakeGrid(nodes, names=_names(sites))
+    with pytest.raises(CoordinatorStoppedError, match=r"round 1: 2 valid update.*site-2 \("):
+        Coordinator(grid, config, tmp_path / "run").run()
+    assert latest_round(tmp_path / "run") is None  # nothing half-written counts as a round
+
+
+def test_a_silent_site_times_out_and_the_round_goes_on(sites: list[Path], tmp_path: Path) -> None:
+    config = tiny_config(
+        "federation.rounds=1",
+        "federation.min_sites=2",
+        "federation.round_timeout_s=1.5",
+        "federation.evaluate_sites=false",
+    )
+    grid = FakeGrid(_nodes(sites, tmp_path), names=_names(sites), silent=[3])
+    summary = Coordinator(grid, config, tmp_path / "run").run()[0]
+    assert summary.accepted == ["site-1", "site-2"]
+    assert "no reply within" in summary.rejected["site-3"][0]
+
+
+def test_a_site_without_the_target_modality_declines_without_leaking_paths(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    t1_only = tmp_path / "t1-only"
+    for scan in sites[0].rglob("*_T1w.nii.gz"):
+        if "derivatives" in scan.parts:
+            continue
+        target = t1_only / scan.relative_to(sites[0])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(scan.read_bytes())
+    config = tiny_config("federation.rounds=1", "federation.min_sites=2")
+    nodes = _nodes(sites[:2], tmp_path)
+    nodes[9] = {"data-dir": str(t1_only), "state-dir": str(tmp_path / "state-9")}
+    grid = FakeGrid(nodes, names={**_names(sites[:2]), 9: "t1-only"})
+    summary = Coordinator(grid, config, tmp_path / "run").run()[0]
+    reason = summary.rejected["t1-only"][0]
+    assert reason.startswith("site error: no usable scans for T1w->T2w")
+    assert "/" not in reason.removeprefix("site error: no usable scans for T1w->T2w")
+    assert "sub-" not in reason and str(tmp_path) not in reason
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_interrupted_then_resumed_run_ends_with_the_same_generators(
+    sites: list[Path], tmp_path: Path, strategy: str
+) -> None:
+    settings = (
+        "federation.rounds=3",
+        "federation.min_sites=3",
+        "federation.evaluate_sites=false",
+        f"federation.strategy={strategy}",
+        "federation.server_lr=0.05",
+    )
+    config = tiny_config(*settings)
+
+    straight = tmp_path / "straight"
+    Coordinator(FakeGrid(_nodes(sites, straight), names=_names(sites)), config, straight).run()
+
+    broken = tmp_path / "broken"
+    grid = FakeGrid(_nodes(sites, broken), names=_names(sites), crash_on="train-3")
+    with pytest.raises(KeyboardInterrupt):
+        Coordinator(grid, config, broken).run()
+    assert latest_round(broken) == 2
+    # The sites did train round 3 before the crash: resuming must not start from that state.
+    assert len(list(broken.glob("state-*/*/state-round-0003.pt"))) == 3
+    with pytest.raises(CoordinatorStoppedError, match="--resume"):
+        Coordinator(FakeGrid(_nodes(sites, broken)), config, broken)
+    resumed = Coordinator(
+        FakeGrid(_nodes(sites, broken), names=_names(sites)), config, broken, resume=True
+    )
+    assert resumed.start_round == 3
+    resumed.run()
+
+    a = load_file(str(round_dir(straight, 3) / "generators.safetensors"))
+    b = load_file(str(round_dir(broken, 3) / "generators.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # ... and the run really trained: round 3 differs from round 2.
+    before = load_file(str(round_dir(straight, 2) / "generators.safetensors"))
+    assert any(not np.array_equal(a[k], before[k]) for k in a)
