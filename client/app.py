@@ -18,19 +18,26 @@ from client.audit import record_outgoing
 from client.federated import (
     DiskStore,
     MemoryStore,
-    RoundInstruction,
     SiteError,
     SiteSettings,
     StateStore,
     evaluate_round,
     train_round,
 )
-from common.federation import ARRAYS, CONFIG, METRICS, from_record, metrics_record, to_record
+from common.federation import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SITE_CRASH,
+    SITE_ERROR,
+    RoundInstruction,
+    from_record,
+    metrics_record,
+    to_record,
+)
 
 logger = logging.getLogger("fedsynth.client")
 
-SITE_ERROR = 100  # the site declined the round for a reason it states
-SITE_CRASH = 101  # an unexpected exception at the site (details in its log)
 STATE_RECORD = "fedsynth-site-state"
 
 app = ClientApp(mods=[record_outgoing])
@@ -66,7 +73,10 @@ def _refuse(msg: Message, exc: BaseException) -> Message:
 def _instruction(msg: Message) -> RoundInstruction:
     if CONFIG not in msg.content.config_records or ARRAYS not in msg.content.array_records:
         raise SiteError("the coordinator's message lacks its config or arrays record")
-    return RoundInstruction.from_record(msg.content.config_records[CONFIG])
+    try:
+        return RoundInstruction.from_record(msg.content.config_records[CONFIG])
+    except ValueError as exc:
+        raise SiteError(str(exc)) from None
 
 
 @app.train()

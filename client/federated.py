@@ -29,12 +29,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.trainer import CycleGANTrainer
-from common.config import RunConfig, loads_config
+from common.config import RunConfig
 from common.data.datasets import UnpairedSlices
 from common.data.errors import BadScansError, EmptySiteError, MissingModalityError
 from common.data.site import SiteData, load_site
 from common.evaluation import evaluate_pairs, site_pairs
-from common.federation import EVALUATE_METRICS, SHARED_NETS, flatten, unflatten
+from common.federation import (
+    EVALUATE_METRICS,
+    SHARED_NETS,
+    RoundInstruction,
+    flatten,
+    unflatten,
+)
 from common.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -46,54 +52,6 @@ FAULTS = ("nan", "shape")
 class SiteError(Exception):
     """A site cannot take part in this round. ``str(error)`` is safe to send to the coordinator:
     it names no path, file or subject (the site's own log has those)."""
-
-
-@dataclass(frozen=True)
-class RoundInstruction:
-    """The coordinator's request for one round (travels as a ``ConfigRecord``)."""
-
-    round: int
-    lr: float
-    local_epochs: int
-    local_steps: int  # 0: train local_epochs epochs
-    proximal_mu: float
-    share: str
-    wire_dtype: str
-    run_key: str
-    run_config: str  # resolved configuration, TOML
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "lr": self.lr,
-            "local-epochs": self.local_epochs,
-            "local-steps": self.local_steps,
-            "proximal-mu": self.proximal_mu,
-            "share": self.share,
-            "wire-dtype": self.wire_dtype,
-            "run-key": self.run_key,
-            "run-config": self.run_config,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> RoundInstruction:
-        try:
-            return cls(
-                round=int(record["round"]),
-                lr=float(record["lr"]),
-                local_epochs=int(record["local-epochs"]),
-                local_steps=int(record["local-steps"]),
-                proximal_mu=float(record["proximal-mu"]),
-                share=str(record["share"]),
-                wire_dtype=str(record["wire-dtype"]),
-                run_key=str(record["run-key"]),
-                run_config=str(record["run-config"]),
-            )
-        except KeyError as exc:
-            raise SiteError(f"the coordinator's instruction lacks {exc.args[0]!r}") from None
-
-    def config(self) -> RunConfig:
-        return loads_config(self.run_config, "coordinator")
 
 
 @dataclass(frozen=True)

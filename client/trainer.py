@@ -52,13 +52,7 @@ from common.losses import (
     registration_correction_loss,
     smoothness_loss,
 )
-from common.models import (
-    define_discriminator,
-    define_generator,
-    define_registration,
-    flow_to_pixels,
-    init_weights,
-)
+from common.models import define_cyclegan, flow_to_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +155,10 @@ class CycleGANTrainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed slice size: let cuDNN pick kernels
 
-        torch.manual_seed(training.seed)
-        self.nets: dict[str, nn.Module] = {
-            "g_ab": define_generator(model, image_size),
-            "g_ba": define_generator(model, image_size),
-            "d_a": define_discriminator(model),
-            "d_b": define_discriminator(model),
-        }
-        if self.registration:
-            self.nets["r"] = define_registration(model)
-        for offset, (name, net) in enumerate(self.nets.items()):
-            if name != "r":  # R keeps its zero-initialised last layer (identity at start)
-                init_weights(net, seed=training.seed + offset)
+        self.nets = define_cyclegan(
+            model, image_size, seed=training.seed, registration=self.registration
+        )
+        for net in self.nets.values():
             net.to(self.device)
 
         betas = (training.beta1, training.beta2)

@@ -13,13 +13,18 @@ Network parameters are flattened to ``"<net>.<param>"`` keys (``g_ab.model.1.wei
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from common.config import RunConfig, loads_config
 from common.wire import decode, encode
+
+SITE_ERROR = 100  # a site declined the round for a reason it states (no path, no subject)
+SITE_CRASH = 101  # an unexpected exception at a site (details in the site's own log)
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -73,6 +78,54 @@ EVALUATE_METRICS = frozenset(
 # Any parameter tensor in these networks has at most this many dimensions; an image batch
 # (N, C, H, W) has four too, so the coordinator also compares shapes with the global model.
 MAX_PARAM_DIMS = 4
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    """The coordinator's request for one round (travels as a ``ConfigRecord``)."""
+
+    round: int
+    lr: float
+    local_epochs: int
+    local_steps: int  # 0: train local_epochs epochs
+    proximal_mu: float
+    share: str
+    wire_dtype: str
+    run_key: str
+    run_config: str  # resolved configuration, TOML
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "lr": self.lr,
+            "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
+            "proximal-mu": self.proximal_mu,
+            "share": self.share,
+            "wire-dtype": self.wire_dtype,
+            "run-key": self.run_key,
+            "run-config": self.run_config,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundInstruction:
+        try:
+            return cls(
+                round=int(record["round"]),
+                lr=float(record["lr"]),
+                local_epochs=int(record["local-epochs"]),
+                local_steps=int(record["local-steps"]),
+                proximal_mu=float(record["proximal-mu"]),
+                share=str(record["share"]),
+                wire_dtype=str(record["wire-dtype"]),
+                run_key=str(record["run-key"]),
+                run_config=str(record["run-config"]),
+            )
+        except KeyError as exc:
+            raise ValueError(f"the coordinator's instruction lacks {exc.args[0]!r}") from None
+
+    def config(self) -> RunConfig:
+        return loads_config(self.run_config, "coordinator")
 
 
 def flatten(nets: Mapping[str, torch.nn.Module], names: Iterable[str]) -> dict[str, torch.Tensor]:

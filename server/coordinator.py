@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from client.federated import RoundInstruction
-from client.trainer import CycleGANTrainer
 from common.checkpoint import CheckpointMetadata
 from common.config import RunConfig, dumps_config, write_resolved_config
 from common.evaluation import evaluate_pairs, site_pairs
@@ -45,6 +43,9 @@ from common.federation import (
     ARRAYS,
     CONFIG,
     SHARED_NETS,
+    SITE_CRASH,
+    SITE_ERROR,
+    RoundInstruction,
     audit_reply,
     flatten,
     from_record,
@@ -54,6 +55,7 @@ from common.federation import (
     unflatten,
 )
 from common.io import atomic_save, atomic_write_text
+from common.models import define_cyclegan
 from server.checkpoint import RoundRecord, latest_round, load_round, round_dir, save_round
 from server.strategy import SiteUpdate, make_aggregator
 from server.validation import check_update
@@ -147,15 +149,9 @@ class Coordinator:
         self.start_round = 1
         self.config_text = dumps_config(config)
 
-        template = CycleGANTrainer(
-            config.model,
-            config.training,
-            config.data.image_size,
-            registration=False,
-            device="cpu",
-        )
+        template = define_cyclegan(config.model, config.data.image_size, seed=config.training.seed)
         self.shared = SHARED_NETS[self.fed.share]
-        self.nets = {name: template.nets[name] for name in self.shared}
+        self.nets = {name: template[name] for name in self.shared}
         self.state = flatten(self.nets, self.shared)
         self.run_key = self._open_run(resume)
         self.metadata = CheckpointMetadata(
@@ -341,7 +337,9 @@ class Coordinator:
             ]
         for node, reply in sorted(exchange.replies.items()):
             if reply.has_error():
-                rejected[self.site_name(node)] = [f"site error: {reply.error.reason}"]
+                code = reply.error.code
+                origin = "site" if code in (SITE_ERROR, SITE_CRASH) else "Flower"
+                rejected[self.site_name(node)] = [f"{origin} error {code}: {reply.error.reason}"]
                 continue
             problems = audit_reply(reply.content, kind="train", expected=shapes)
             metrics: dict[str, float] = {}

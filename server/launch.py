@@ -116,6 +116,8 @@ class Superlink:
             simulation=opts.simulation,
             database=None if opts.simulation else self.run_dir / "superlink.db",
         )
+        # Operators (and the crash tests) find the SuperLink's process group here.
+        (self.run_dir / "superlink.pid").write_text(f"{self.process.popen.pid}\n", encoding="utf-8")
         local = "127.0.0.1" if opts.host in ("0.0.0.0", "::") else opts.host
         write_connection(
             self.flwr_home,
@@ -128,6 +130,7 @@ class Superlink:
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
             self.process.stop()
+            (self.run_dir / "superlink.pid").unlink(missing_ok=True)
 
     def register(self, sites: Mapping[str, Path]) -> dict[str, int]:
         """Register each site's public key under its name (already registered keys are kept)."""
@@ -187,7 +190,8 @@ def run_federation(
             app_dir, CONNECTION, link.flwr_home, run_config, num_supernodes=options.num_supernodes
         )
         echo(f"run {run_id} submitted; following {run_dir / 'coordinator.log'}")
-        offset = 0
+        log = run_dir / "coordinator.log"
+        offset = log.stat().st_size if log.exists() else 0  # a resumed run: only new lines
         deadline = time.monotonic() + timeout
         status = "running"
         assert link.process is not None

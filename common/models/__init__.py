@@ -9,6 +9,7 @@ from __future__ import annotations
 from common.models.discriminators import PatchDiscriminator, patch_receptive_field
 from common.models.factory import (
     count_parameters,
+    define_cyclegan,
     define_discriminator,
     define_generator,
     define_registration,
@@ -24,6 +25,7 @@ __all__ = [
     "ResnetGenerator",
     "UnetGenerator",
     "count_parameters",
+    "define_cyclegan",
     "define_discriminator",
     "define_generator",
     "define_registration",

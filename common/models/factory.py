@@ -140,3 +140,26 @@ def define_registration(config: ModelConfig, *, seed: int | None = None) -> Regi
     net = RegistrationNet(1, filters=config.registration_filters)
     init_weights(net, seed=seed)
     return net
+
+
+def define_cyclegan(
+    config: ModelConfig, image_size: int, *, seed: int, registration: bool = False
+) -> dict[str, nn.Module]:
+    """The CycleGAN networks (``g_ab``, ``g_ba``, ``d_a``, ``d_b``, and ``r`` if asked), seeded.
+
+    The same seed gives the same weights wherever it runs, so a coordinator and every site start
+    from identical networks. R keeps its zero-initialised last layer (identity at the start).
+    """
+    torch.manual_seed(seed)
+    nets: dict[str, nn.Module] = {
+        "g_ab": define_generator(config, image_size),
+        "g_ba": define_generator(config, image_size),
+        "d_a": define_discriminator(config),
+        "d_b": define_discriminator(config),
+    }
+    if registration:
+        nets["r"] = define_registration(config)
+    for offset, (name, net) in enumerate(nets.items()):
+        if name != "r":
+            init_weights(net, seed=seed + offset)
+    return nets

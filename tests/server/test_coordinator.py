@@ -128,8 +128,9 @@ def test_a_site_without_the_target_modality_declines_without_leaking_paths(
     grid = FakeGrid(nodes, names={**_names(sites[:2]), 9: "t1-only"})
     summary = Coordinator(grid, config, tmp_path / "run").run()[0]
     reason = summary.rejected["t1-only"][0]
-    assert reason.startswith("site error: no usable scans for T1w->T2w")
-    assert "/" not in reason.removeprefix("site error: no usable scans for T1w->T2w")
+    prefix = "site error 100: no usable scans for T1w->T2w"
+    assert reason.startswith(prefix)
+    assert "/" not in reason.removeprefix(prefix)
     assert "sub-" not in reason and str(tmp_path) not in reason
 
 

@@ -1,0 +1,345 @@
+"""Real Flower processes on loopback: simulation engine, a TLS + node-auth deployment, faults.
+
+Every test starts its own SuperLink (on a free port, with a run-local FLWR_HOME) and stops every
+process it started, also when it fails. Rounds are tiny (32x32 slices, one local epoch); most of a
+round's time is Flower starting a fresh ClientApp process per message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_ssh_private_key,
+)
+from safetensors.numpy import load_file
+
+from common.flower import free_port
+from server.certs import make_certificates
+from server.checkpoint import latest_round, round_dir
+from simulations.federated import simulate
+from tests.federation import TINY, phantom_sites, tiny_config
+
+pytestmark = pytest.mark.slow
+
+FEDSYNTH = str(Path(sys.executable).parent / "fedsynth")
+# Written here, not imported: the audit must not trust the code it audits.
+ALLOWED_TRAIN_METRICS = {
+    "num-examples", "steps", "seconds", "samples-per-s", "lr", "loss_g", "loss_gan",
+    "loss_cycle", "loss_d_a", "loss_d_b", "loss_identity", "loss_proximal",
+}  # fmt: skip
+ALLOWED_EVALUATE_METRICS = {
+    "num-examples", "num-subjects", "seconds", "psnr", "ssim", "mae", "nmse",
+    "psnr_masked", "ssim_masked", "mae_masked", "nmse_masked",
+}  # fmt: skip
+
+
+def _config_file(path: Path, *extra: str) -> Path:
+    lines = ['preset = "cpu-small"']
+    sections: dict[str, list[str]] = {}
+    for item in [*TINY, *extra]:
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        sections.setdefault(section, []).append(f"{key} = {value}")
+    for section, values in sections.items():
+        lines += [f"[{section}]", *values]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+class Cluster:
+    """``fedsynth server`` and ``fedsynth client`` processes, each in its own process group."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [FEDSYNTH, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True, cwd=self.root,
+        )  # fmt: skip
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+    def kill_pidfile(self, path: Path) -> None:
+        if path.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(path.read_text().strip()), signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+
+    def stop_all(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    self.kill(name)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop_all()
+        made.kill_pidfile(tmp_path / "run" / "superlink.pid")
+
+
+def _wait_for(predicate, timeout: float, what: str, cluster: Cluster) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        server = cluster.procs.get("server")
+        if server is not None and server.poll() is not None and not predicate():
+            break
+        time.sleep(1.0)
+    logs = {n: cluster.log(n)[-3000:] for n in cluster.procs}
+    pytest.fail(f"timed out waiting for {what}; logs:\n" + json.dumps(logs, indent=1))
+
+
+def _rounds(run: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = run / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def test_simulation_engine_three_sites_two_rounds(tmp_path: Path) -> None:
+    sites = phantom_sites(tmp_path / "data", (3, 2, 1, 1))
+    config = tiny_config("federation.rounds=2", "federation.min_sites=4")
+    outcome = simulate(config, sites, tmp_path / "run", echo=lambda _: None)
+    assert outcome.status == "finished:completed" and outcome.stopped is None
+    rounds = _rounds(tmp_path / "run")
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["accepted"] == ["site-1", "site-2", "site-3", "site-4"]
+        assert r["rejected"] == {}
+        assert set(r["eval_metrics"]) == {"site-1", "site-2", "site-3", "site-4"}
+    assert latest_round(tmp_path / "run") == 2
+    assert not (tmp_path / "run" / "superlink.pid").exists()  # the SuperLink was stopped
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Cluster]]:
+    """Three hospitals of unequal size, TLS and node auth, two rounds, plus an intruder."""
+    root = tmp_path_factory.mktemp("deployment")
+    sites = phantom_sites(root / "data", (3, 2, 1))
+    certs = make_certificates(root / "certs", ["site-1", "site-2", "site-3", "intruder"])
+    config = _config_file(root / "consortium.toml", "federation.rounds=2", "federation.min_sites=3")
+    cluster = Cluster(root)
+    registered = [f"--site={s}={certs.node_keys[s][1]}" for s in ("site-1", "site-2", "site-3")]
+    try:
+        cluster.start(
+            "server",
+            ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
+             "--port", str(cluster.port), "--config", str(config), *registered],
+        )  # fmt: skip
+        _wait_for(lambda: "submitted" in cluster.log("server"), 120, "the run", cluster)
+        for index, site in enumerate(sites, start=1):
+            name = f"site-{index}"
+            cluster.start(
+                name,
+                ["client", "--data-dir", str(site), "--superlink", f"127.0.0.1:{cluster.port}",
+                 "--ca", str(certs.ca_cert), "--key", str(certs.node_keys[name][0]),
+                 "--state-dir", f"state-{index}", "--audit-log", f"audit-{index}.jsonl",
+                 "--runtime-port", str(free_port()), "--device", "cpu"],
+            )  # fmt: skip
+        cluster.start(
+            "intruder",
+            ["client", "--data-dir", str(sites[0]), "--superlink", f"127.0.0.1:{cluster.port}",
+             "--ca", str(certs.ca_cert), "--key", str(certs.node_keys["intruder"][0]),
+             "--state-dir", "state-intruder", "--runtime-port", str(free_port())],
+        )  # fmt: skip
+        cluster.procs["server"].wait(600)
+        yield root, cluster
+    finally:
+        cluster.stop_all()
+        cluster.kill_pidfile(root / "run" / "superlink.pid")
+
+
+def test_deployment_with_tls_and_node_auth_runs_two_rounds(
+    deployment: tuple[Path, Cluster],
+) -> None:
+    root, cluster = deployment
+    assert cluster.procs["server"].returncode == 0, cluster.log("server")[-3000:]
+    run = root / "run"
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["accepted"] == ["site-1", "site-2", "site-3"]
+        assert (round_dir(run, r["round"]) / "generators.safetensors").exists()
+    # Unequal sites: the largest trains on the most examples.
+    examples = {s: m["num-examples"] for s, m in rounds[0]["train_metrics"].items()}
+    assert examples["site-1"] > examples["site-3"]
+    # Bytes on the wire: every float32 generator parameter, once per site and direction.
+    weights = load_file(str(round_dir(run, 2) / "generators.safetensors"))
+    payload = sum(v.nbytes for v in weights.values())
+    assert rounds[1]["bytes_up"] == dict.fromkeys(["site-1", "site-2", "site-3"], payload)
+    assert rounds[1]["bytes_down"] == dict.fromkeys(["site-1", "site-2", "site-3"], payload)
+    assert "round 2/2" in cluster.log("server")
+    assert not (run / "superlink.pid").exists()
+
+
+def test_an_unregistered_node_key_is_refused(deployment: tuple[Path, Cluster]) -> None:
+    root, cluster = deployment
+    rounds = _rounds(root / "run")
+    assert all("intruder" not in r["sites"] for r in rounds)
+    assert len(rounds[0]["sites"]) == 3
+    # The SuperLink refused the intruder's key (and the intruder never got a node).
+    key = load_ssh_private_key((root / "certs" / "nodes" / "intruder.key").read_bytes(), None)
+    pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    body = pem.splitlines()[1]
+    refusals = [
+        line
+        for line in (root / "run" / "superlink.log").read_text(encoding="utf-8").splitlines()
+        if body in line
+    ]
+    assert refusals and all("No SuperNode found with the given public key" in r for r in refusals)
+    assert "connection attempt failed" in cluster.log("intruder")
+
+
+def test_audit_sites_send_only_generator_tensors_and_whitelisted_scalars(
+    deployment: tuple[Path, Cluster],
+) -> None:
+    root, _ = deployment
+    weights = load_file(str(round_dir(root / "run", 1) / "generators.safetensors"))
+    expected_shapes = {key: list(value.shape) for key, value in weights.items()}
+    for index in (1, 2, 3):
+        lines = (root / f"audit-{index}.jsonl").read_text(encoding="utf-8").splitlines()
+        entries = [json.loads(line) for line in lines]
+        assert [e["type"] for e in entries] == ["train", "evaluate", "train", "evaluate"]
+        for entry in entries:
+            assert "error" not in entry
+            records = entry["records"]
+            kinds = {name: record["kind"] for name, record in records.items()}
+            if entry["type"] == "train":
+                assert kinds == {"arrays": "arrays", "metrics": "metrics"}
+                arrays = records["arrays"]["entries"]
+                assert {k: v["shape"] for k, v in arrays.items()} == expected_shapes
+                assert all(k.startswith(("g_ab.", "g_ba.")) for k in arrays)
+                assert all(v["dtype"] == "float32" for v in arrays.values())
+                # No image-shaped array: nothing ends in the slice size (32 x 32).
+                assert all(v["shape"][-2:] != [32, 32] for v in arrays.values())
+                allowed = ALLOWED_TRAIN_METRICS
+            else:
+                assert kinds == {"metrics": "metrics"}
+                allowed = ALLOWED_EVALUATE_METRICS
+            metrics = records["metrics"]["entries"]
+            assert set(metrics) <= allowed, set(metrics) - allowed
+            assert all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+            )
+        text = "\n".join(lines)
+        assert "sub-" not in text and str(root) not in text and "/" not in text
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_faults_killed_site_bad_update_rejoin_and_coordinator_resume(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    sites = phantom_sites(tmp_path / "data", (2, 2, 1))
+    certs = make_certificates(tmp_path / "certs", ["site-1", "site-2", "site-3"])
+    config = _config_file(
+        tmp_path / "consortium.toml",
+        "federation.rounds=4",
+        "federation.min_sites=1",
+        "federation.evaluate_sites=false",
+        "federation.rejoin_grace_s=240",
+        "federation.round_timeout_s=300",
+    )
+    run = tmp_path / "run"
+    server_args = ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
+                   "--port", str(cluster.port)]  # fmt: skip
+
+    def client(index: int, extra: list[str] = ()) -> None:  # type: ignore[assignment]
+        name = f"site-{index}"
+        cluster.start(
+            name,
+            ["client", "--data-dir", str(sites[index - 1]), "--superlink",
+             f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
+             "--key", str(certs.node_keys[name][0]), "--state-dir", f"state-{index}",
+             "--runtime-port", str(free_port()), *extra],
+        )  # fmt: skip
+
+    cluster.start("server", [*server_args, "--config", str(config)])
+    _wait_for(lambda: "submitted" in cluster.log("server"), 120, "the run", cluster)
+    client(1)
+    client(2)
+    client(3, ["--fault", "nan"])
+
+    # Round 1: the NaN update is refused and logged with the site's name.
+    _wait_for(lambda: len(_rounds(run)) >= 1, 300, "round 1", cluster)
+    first = _rounds(run)[0]
+    assert first["accepted"] == ["site-1", "site-2"]
+    assert "NaN" in " ".join(first["rejected"]["site-3"])
+    coordinator_log = run / "coordinator.log"
+    assert re.search(r"left out site-3: .*NaN", coordinator_log.read_text(encoding="utf-8"))
+
+    # Round 2: site-2's daemon dies mid-round; the round completes with the others.
+    cluster.kill("site-2")
+    _wait_for(lambda: len(_rounds(run)) >= 2, 400, "round 2", cluster)
+    second = _rounds(run)[1]
+    assert second["accepted"] == ["site-1"]
+    assert "site-2" in second["rejected"]
+
+    # Round 3: site-2 restarts and rejoins.
+    client(2)
+    _wait_for(lambda: len(_rounds(run)) >= 3, 400, "round 3", cluster)
+    assert _rounds(run)[2]["accepted"] == ["site-1", "site-2"]
+
+    # Round 4: the coordinator (and its SuperLink) is killed, then restarted with --resume.
+    cluster.kill("server")
+    cluster.kill_pidfile(run / "superlink.pid")
+    time.sleep(3)
+    done = len(_rounds(run))
+    assert latest_round(run) == done
+    (tmp_path / "server.log").rename(tmp_path / "server-before-crash.log")
+    cluster.start("server", [*server_args, "--resume"])
+    assert cluster.procs["server"].wait(600) == 0, cluster.log("server")[-3000:]
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert f"resuming {run} after round {done}" in coordinator_log.read_text(encoding="utf-8")
+    assert "round 4/4" in cluster.log("server")  # the restarted coordinator's terminal
+    assert latest_round(run) == 4
