@@ -97,9 +97,9 @@ class RoundSummary:
     bytes_up: dict[str, int]
     bytes_down: dict[str, int]
     seconds: float
-    train_seconds: float
-    slowest_site_seconds: float
-    overhead_seconds: float
+    train_seconds: float  # sending, training and collecting, up to aggregation
+    slowest_site_seconds: float  # the slowest accepted site's own report (load data + train)
+    overhead_seconds: float  # round wall time minus the slowest site's training time
 
 
 def _weighted(metrics: Mapping[str, Mapping[str, float]], weight_key: str) -> dict[str, float]:
@@ -427,7 +427,7 @@ class Coordinator:
             seconds=seconds,
             train_seconds=train_seconds,
             slowest_site_seconds=slowest,
-            overhead_seconds=train_seconds - slowest,
+            overhead_seconds=seconds - slowest,
         )
         self._record(summary)
         return summary

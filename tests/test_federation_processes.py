@@ -30,7 +30,7 @@ from common.flower import free_port
 from server.certs import make_certificates
 from server.checkpoint import latest_round, round_dir
 from simulations.federated import simulate
-from tests.federation import TINY, phantom_sites, tiny_config
+from simulations.inprocess import TINY, phantom_sites, tiny_config
 
 pytestmark = pytest.mark.slow
 

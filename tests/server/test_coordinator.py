@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from common.federation import ARRAYS, METRICS
 from server.checkpoint import latest_round, round_dir
 from server.coordinator import Coordinator, CoordinatorStoppedError
-from tests.federation import FakeGrid, phantom_sites, tiny_config
+from simulations.inprocess import InProcessGrid, phantom_sites, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_round_is_the_example_weighted_mean_of_the_site_updates(
     sites: list[Path], tmp_path: Path
 ) -> None:
     config = tiny_config("federation.rounds=1", "federation.min_sites=3")
-    grid = FakeGrid(_nodes(sites, tmp_path), names=_names(sites))
+    grid = InProcessGrid(_nodes(sites, tmp_path), names=_names(sites))
     coordinator = Coordinator(grid, config, tmp_path / "run")
     summary = coordinator.run()[0]
 
@@ -76,7 +76,7 @@ def test_nan_and_misshapen_updates_are_left_out_and_logged(
         "federation.rounds=1", "federation.min_sites=1", "federation.evaluate_sites=false"
     )
     nodes = _nodes(sites, tmp_path, **{"site-2": {"fault": "nan"}, "site-3": {"fault": "shape"}})
-    grid = FakeGrid(nodes, names=_names(sites))
+    grid = InProcessGrid(nodes, names=_names(sites))
     with caplog.at_level(logging.WARNING, logger="fedsynth.server"):
         summary = Coordinator(grid, config, tmp_path / "run").run()[0]
     assert summary.accepted == ["site-1"]
@@ -93,7 +93,7 @@ def test_too_few_valid_updates_stop_the_run_naming_the_sites(
 ) -> None:
     config = tiny_config("federation.rounds=2", "federation.min_sites=3")
     nodes = _nodes(sites, tmp_path, **{"site-2": {"fault": "nan"}})
-    grid = FakeGrid(nodes, names=_names(sites))
+    grid = InProcessGrid(nodes, names=_names(sites))
     with pytest.raises(CoordinatorStoppedError, match=r"round 1: 2 valid update.*site-2 \("):
         Coordinator(grid, config, tmp_path / "run").run()
     assert latest_round(tmp_path / "run") is None  # nothing half-written counts as a round
@@ -106,7 +106,7 @@ def test_a_silent_site_times_out_and_the_round_goes_on(sites: list[Path], tmp_pa
         "federation.round_timeout_s=1.5",
         "federation.evaluate_sites=false",
     )
-    grid = FakeGrid(_nodes(sites, tmp_path), names=_names(sites), silent=[3])
+    grid = InProcessGrid(_nodes(sites, tmp_path), names=_names(sites), silent=[3])
     summary = Coordinator(grid, config, tmp_path / "run").run()[0]
     assert summary.accepted == ["site-1", "site-2"]
     assert "no reply within" in summary.rejected["site-3"][0]
@@ -125,7 +125,7 @@ def test_a_site_without_the_target_modality_declines_without_leaking_paths(
     config = tiny_config("federation.rounds=1", "federation.min_sites=2")
     nodes = _nodes(sites[:2], tmp_path)
     nodes[9] = {"data-dir": str(t1_only), "state-dir": str(tmp_path / "state-9")}
-    grid = FakeGrid(nodes, names={**_names(sites[:2]), 9: "t1-only"})
+    grid = InProcessGrid(nodes, names={**_names(sites[:2]), 9: "t1-only"})
     summary = Coordinator(grid, config, tmp_path / "run").run()[0]
     reason = summary.rejected["t1-only"][0]
     prefix = "site error 100: no usable scans for T1w->T2w"
@@ -148,19 +148,19 @@ def test_interrupted_then_resumed_run_ends_with_the_same_generators(
     config = tiny_config(*settings)
 
     straight = tmp_path / "straight"
-    Coordinator(FakeGrid(_nodes(sites, straight), names=_names(sites)), config, straight).run()
+    Coordinator(InProcessGrid(_nodes(sites, straight), names=_names(sites)), config, straight).run()
 
     broken = tmp_path / "broken"
-    grid = FakeGrid(_nodes(sites, broken), names=_names(sites), crash_on="train-3")
+    grid = InProcessGrid(_nodes(sites, broken), names=_names(sites), crash_on="train-3")
     with pytest.raises(KeyboardInterrupt):
         Coordinator(grid, config, broken).run()
     assert latest_round(broken) == 2
     # The sites did train round 3 before the crash: resuming must not start from that state.
     assert len(list(broken.glob("state-*/*/state-round-0003.pt"))) == 3
     with pytest.raises(CoordinatorStoppedError, match="--resume"):
-        Coordinator(FakeGrid(_nodes(sites, broken)), config, broken)
+        Coordinator(InProcessGrid(_nodes(sites, broken)), config, broken)
     resumed = Coordinator(
-        FakeGrid(_nodes(sites, broken), names=_names(sites)), config, broken, resume=True
+        InProcessGrid(_nodes(sites, broken), names=_names(sites)), config, broken, resume=True
     )
     assert resumed.start_round == 3
     resumed.run()

@@ -1,10 +1,13 @@
-"""Helpers for federation tests: a tiny run configuration, a phantom consortium, a fake grid.
+"""A federation in one Python process, without Flower's processes: for benchmarks and tests.
 
-:class:`FakeGrid` replaces only the transport: it hands each message to the real ClientApp
+:class:`InProcessGrid` replaces only the transport: it hands each message to the real ClientApp
 functions (``client.app.train`` / ``evaluate``) with a per-node Flower ``Context``, the way a
-SuperNode would, and keeps the replies until pulled. Nodes can be silent (never reply);
-``crash_on`` kills the "coordinator" when it collects the replies of that message group.
-The real-process tests (``tests/test_federation_processes.py``) cover Flower itself.
+SuperNode would, and keeps the replies until pulled. Sites train one after another, so a round
+costs the sum of the sites' training instead of the slowest one's, but the arithmetic is the
+same as a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). Nodes can be silent
+(never reply); ``crash_on`` kills the "coordinator" when it collects a message group's replies.
+
+:func:`tiny_config` and :func:`phantom_sites` make the small runs the tests and examples use.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def phantom_sites(out: Path, subjects: tuple[int, ...] = (3, 2, 1)) -> list[Path
     )
 
 
-class FakeGrid:
+class InProcessGrid:
     """An in-process stand-in for a SuperLink with the given nodes (``node_id -> node config``)."""
 
     def __init__(
