@@ -4,13 +4,13 @@
 epochs or steps, the FedProx weight, what to share, the wire precision, and the coordinator's
 resolved configuration). :class:`SiteSettings` is what only the hospital decides: where its data
 is, which device to use, where to keep its state. :func:`train_round` restores the site's own
-networks and optimisers (never sent anywhere), loads the global generators, trains and returns
-the shared networks and scalar metrics. :func:`evaluate_round` scores the global generators on the
-site's paired subjects.
+networks and optimisers (never sent anywhere), loads the global generators, trains and returns the
+update of the shared networks (trained minus received) and scalar metrics. :func:`evaluate_round`
+scores the global generators on the site's paired subjects.
 
 A site keeps one state file per round it trained (the last three), so that a coordinator that
-crashed mid-round and resumed from the previous round finds the state that round started from:
-a resumed run then ends with the same weights as an uninterrupted one.
+crashed mid-round and resumed from the previous round finds the state that round started from: a
+resumed run then ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from common.federation import (
     RoundInstruction,
     flatten,
     unflatten,
+    update_from,
 )
 from common.io import atomic_path
 
@@ -253,7 +254,7 @@ def train_round(
     global_state: Mapping[str, torch.Tensor],
     store: StateStore,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train this site for one round; return its shared networks (flat) and scalar metrics."""
+    """Train this site for one round; return the shared networks' update (flat) and metrics."""
     start = time.perf_counter()
     config = instruction.config()
     site = _load_site(settings, config)
@@ -299,7 +300,8 @@ def train_round(
     torch.save(trainer.state_dict(), buffer)
     store.save(instruction.run_key, instruction.round, buffer.getvalue())
 
-    shared = {k: v.cpu() for k, v in flatten(trainer.nets, SHARED_NETS[instruction.share]).items()}
+    trained = flatten(trainer.nets, SHARED_NETS[instruction.share])
+    shared = update_from(trained, global_state)
     if settings.fault is not None:
         shared = _corrupt(shared, settings.fault)
     seconds = time.perf_counter() - start

@@ -1,11 +1,16 @@
 """What travels between the coordinator and a hospital, in one place both sides import.
 
-A train instruction carries the global networks (``arrays``) and the round's settings
-(``config``, which includes the coordinator's resolved run configuration as TOML, so every site
-trains the same model on the same preprocessing). A site's reply carries its updated networks and
-scalar metrics only. :func:`audit_reply` states the rule a reply must follow, and the coordinator
-applies it to every reply before looking at the weights: only arrays under the shared network keys
-and the whitelisted metric names, never text, never an image-shaped array.
+A train instruction carries the global networks (``arrays``) and the round's settings (``config``,
+which includes the coordinator's resolved run configuration as TOML, so every site trains the same
+model on the same preprocessing). A site's reply carries its update (trained weights minus the
+weights it received, :func:`update_from`) and scalar metrics only. Sending the update rather than
+the weights is what makes half precision on the wire safe: a step much smaller than a weight
+survives rounding to float16/bfloat16 as an update, but would vanish if the weight itself were
+rounded. The coordinator adds the updates to its float32 master weights (:func:`apply_update`),
+like mixed-precision training keeps float32 master weights. :func:`audit_reply` states the rule a
+reply must follow, and the coordinator applies it to every reply before looking at the weights:
+only arrays under the shared network keys and the whitelisted metric names, never text, never an
+image-shaped array.
 
 Network parameters are flattened to ``"<net>.<param>"`` keys (``g_ab.model.1.weight``).
 """
@@ -144,6 +149,30 @@ def unflatten(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
         net, _, param = key.partition(".")
         nets.setdefault(net, {})[param] = value
     return nets
+
+
+def update_from(
+    trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Trained minus received for floating entries (float32, on CPU); integer buffers as trained."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in trained.items():
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            out[key] = value.float() - received[key].float()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def apply_update(
+    master: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The site's weights as the coordinator sees them: ``master + update`` (keys of ``update``)."""
+    return {
+        key: master[key] + value if value.is_floating_point() and key in master else value
+        for key, value in update.items()
+    }
 
 
 def to_record(state: Mapping[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:

@@ -46,6 +46,7 @@ from common.federation import (
     SITE_CRASH,
     SITE_ERROR,
     RoundInstruction,
+    apply_update,
     audit_reply,
     flatten,
     from_record,
@@ -352,7 +353,8 @@ class Coordinator:
                 continue
             record = reply.content.array_records[ARRAYS]
             bytes_up[site] = record_bytes(record)
-            state = from_record(record, self.fed.wire_dtype, self.state)
+            update = from_record(record, self.fed.wire_dtype, self.state)
+            state = apply_update(self.state, update)
             check = check_update(state, self.state, max_update_norm=self.fed.max_update_norm)
             examples = int(metrics.get("num-examples", 0))
             if examples <= 0:

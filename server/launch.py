@@ -10,9 +10,12 @@ prints a warning on every start, because anyone who can reach the port can join 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +150,24 @@ class Superlink:
         return ids
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``docker stop``, systemd) into KeyboardInterrupt so the SuperLink we started
+    is stopped on the way out instead of being orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _tail(path: Path, offset: int, echo: Callable[[str], None]) -> int:
     if not path.exists():
         return offset
@@ -182,7 +203,7 @@ def run_federation(
         run_config["cache-dir"] = str((run_dir / "cache").resolve())
         if options.state_root is not None:
             run_config["state-root"] = str(Path(options.state_root).resolve())
-    with Superlink(options) as link:
+    with _terminate_as_interrupt(), Superlink(options) as link:
         if options.sites:
             link.register(options.sites)
         app_dir = write_app_dir(run_dir / "app", __version__)

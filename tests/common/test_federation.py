@@ -10,12 +10,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common.federation import (
     ARRAYS,
     METRICS,
+    apply_update,
     audit_reply,
     flatten,
     from_record,
     record_bytes,
     to_record,
     unflatten,
+    update_from,
 )
 
 EXPECTED = {"g_ab.w": (8, 1, 3, 3), "g_ab.b": (8,)}
@@ -84,3 +86,19 @@ def test_state_round_trips_through_a_record(dtype: str, bytes_per_value: int) ->
         assert back[key].dtype == torch.float32
         torch.testing.assert_close(back[key], value, atol=tolerance, rtol=tolerance)
     assert set(unflatten(back)) == {"g_ab", "g_ba"}
+
+
+def test_updates_survive_half_precision_where_weights_would_not() -> None:
+    """A step of 1e-4 on weights near 1: bfloat16 keeps it as an update, loses it as a weight."""
+    received = {"g_ab.w": torch.full((1000,), 1.0) + torch.rand(1000) * 0.01}
+    step = torch.full((1000,), 1e-4)
+    trained = {"g_ab.w": received["g_ab.w"] + step}
+    update = update_from(trained, received)
+    for dtype in ("float16", "bfloat16"):
+        via_update = apply_update(received, from_record(to_record(update, dtype), dtype))
+        via_weights = from_record(to_record(trained, dtype), dtype)
+        # Per-weight error of the step the coordinator sees.
+        error_update = (via_update["g_ab.w"] - trained["g_ab.w"]).abs().mean()
+        error_weights = (via_weights["g_ab.w"] - trained["g_ab.w"]).abs().mean()
+        assert float(error_update) < 1e-6  # under 1 % of the step
+        assert float(error_weights) > 5e-5  # rounding the weight swamps the step

@@ -53,9 +53,11 @@ def test_round_is_the_example_weighted_mean_of_the_site_updates(
     assert weights[1] > weights[2] >= weights[3] > 0
     total = sum(weights.values())
     saved = load_file(str(round_dir(tmp_path / "run", 1) / "generators.safetensors"))
+    sent = grid.sent[0].content.array_records[ARRAYS]  # the global model of round 1
     some_keys = [k for k in trained[0][1].content.array_records[ARRAYS] if k.startswith("g_ab.")]
     for key in some_keys[:5]:
-        expected = sum(
+        # Sites send updates (trained - received); the new global is old + weighted mean update.
+        expected = sent[key].numpy().astype(np.float64) + sum(
             weights[n] / total * r.content.array_records[ARRAYS][key].numpy().astype(np.float64)
             for n, r in trained
         )
