@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     config_path = str(run_config.get("config-path", ""))
     run_dir_text = str(run_config.get("run-dir", ""))
     try:
-        config = load_config(Path(config_path) if config_path else None)
+        config = load_config(Path(config_path) if config_path else None, environ={})
     except ConfigError as exc:
         raise SystemExit(f"fedsynth coordinator: invalid configuration:\n{exc}") from None
     run_dir = Path(run_dir_text) if run_dir_text else config.run_dir

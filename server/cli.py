@@ -66,7 +66,7 @@ def server_command(
         if not resolved.exists():
             fail(f"--resume {run_dir}: no config.resolved.toml, not a fedsynth run folder")
         try:
-            run = load_config(resolved)
+            run = load_config(resolved, environ={})
         except ConfigError as exc:
             fail(exc, 2)
     else:
