@@ -217,6 +217,12 @@ class FederationConfig(_Section):
         None, description="A site folder no hospital trains on: central paired evaluation."
     )
     evaluate_sites: bool = Field(True, description="Ask sites for paired evaluation each round.")
+    start_sites: int | None = Field(
+        None,
+        ge=1,
+        description="The first round waits until this many sites are online (default: "
+        "min_sites); later rounds need min_sites.",
+    )
     rejoin_grace_s: float = Field(
         60.0,
         ge=0.0,

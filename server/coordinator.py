@@ -229,7 +229,10 @@ class Coordinator:
             nodes = sorted(self.grid.get_node_ids())
             self._learn_names()
             now = time.monotonic()
-            if len(nodes) >= self.fed.min_sites:
+            needed = self.fed.min_sites
+            if round_number == 1 and self.fed.start_sites is not None:
+                needed = max(needed, self.fed.start_sites)
+            if len(nodes) >= needed:
                 absent = self.known_sites - {self.site_name(n) for n in nodes}
                 if not absent or now - start >= self.fed.rejoin_grace_s:
                     if absent:
@@ -244,9 +247,8 @@ class Coordinator:
                 known = sorted(set(self.names.values()) - {self.site_name(n) for n in nodes})
                 raise CoordinatorStoppedError(
                     f"round {round_number}: {len(nodes)} site(s) online after "
-                    f"{self.fed.round_timeout_s:.0f} s, federation.min_sites is "
-                    f"{self.fed.min_sites}"
-                    + (f"; not connected: {', '.join(known)}" if known else "")
+                    f"{self.fed.round_timeout_s:.0f} s, {needed} needed (federation.min_sites / "
+                    "start_sites)" + (f"; not connected: {', '.join(known)}" if known else "")
                 )
             if now - last_report >= REPORT_EVERY_S:
                 logger.info(
@@ -254,7 +256,7 @@ class Coordinator:
                     "offline: %s)",
                     round_number,
                     len(nodes),
-                    self.fed.min_sites,
+                    needed,
                     ", ".join(sorted(self.known_sites - {self.site_name(n) for n in nodes}))
                     or "none",
                 )
