@@ -6,13 +6,19 @@ call them G, F, D_Y, D_X) and, when the data is misaligned, the RegGAN registrat
 network keeps two later needs simple: per-network gradient clipping and per-network Opacus
 wrapping (every network that sees a real image gets its own private optimiser).
 
-Design constraints that make the same code run under DP-SGD later:
+Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`client.privacy`) every network is an
+Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
 
-* discriminators are "frozen" during the generator update by a context that, for an Opacus
-  ``GradSampleModule``, disables its hooks (so the generator's backward does not accumulate
-  per-sample gradients in D) and otherwise turns off ``requires_grad`` (saving work);
+* discriminators are "frozen" during the generator update by a context that disables their hooks
+  (so the generator's backward does not accumulate per-sample gradients in D); without DP it turns
+  off ``requires_grad`` instead (saving work);
 * gradients are cleared with ``set_to_none=True`` right before each network's own backward;
-* every loss is a mean over batch and pixels (Opacus' ``loss_reduction="mean"``).
+* every loss is a mean over batch and pixels (Opacus' ``loss_reduction="mean"``);
+* the image pool is off (it would mix one example's fake into another step's gradient);
+* a Poisson batch larger than ``privacy.max_physical_batch_size`` is processed in chunks whose
+  clipped per-sample gradients are summed before one noisy step (Opacus' ``signal_skip_step``
+  mechanism, as in its ``BatchMemoryManager``, applied to all optimisers of the step at once);
+* the FedProx term, which reads no data, is added to the privatised gradient after the noise.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,7 +47,7 @@ from torch import nn
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
 
-from common.config import ModelConfig, TrainingConfig
+from common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from common.device import resolve_device
 from common.io import atomic_save
 from common.losses import (
@@ -53,6 +59,9 @@ from common.losses import (
     smoothness_loss,
 )
 from common.models import define_cyclegan, flow_to_pixels
+
+if TYPE_CHECKING:
+    from client.privacy import NoisePlan, SiteAccountant
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +144,8 @@ class CycleGANTrainer:
         registration: train R and use the correction loss (default: ``training.registration ==
             "on"``; callers with the whole run configuration pass ``registration_enabled``).
         device: override ``training.device``.
+        privacy: the run's privacy settings; with example-level DP the pool is off and
+            :meth:`make_private` must be called before training.
     """
 
     def __init__(
@@ -145,6 +156,7 @@ class CycleGANTrainer:
         *,
         registration: bool | None = None,
         device: str | torch.device | None = None,
+        privacy: PrivacyConfig | None = None,
     ):
         self.model_config = model
         self.config = training
@@ -170,10 +182,14 @@ class CycleGANTrainer:
         self.schedulers = {
             name: LambdaLR(opt, lr_lambda=schedule) for name, opt in self.optimizers.items()
         }
+        self.privacy = privacy if privacy is not None and privacy.example_level else None
+        pool_size = 0 if self.privacy is not None else training.pool_size
         self.pools = {
-            "a": ImagePool(training.pool_size, seed=training.seed),
-            "b": ImagePool(training.pool_size, seed=training.seed + 1),
+            "a": ImagePool(pool_size, seed=training.seed),
+            "b": ImagePool(pool_size, seed=training.seed + 1),
         }
+        self.plan: NoisePlan | None = None
+        self.accountant: SiteAccountant | None = None
         self.step = 0
         self.epoch = 0
         self.proximal_mu = 0.0
@@ -218,6 +234,39 @@ class CycleGANTrainer:
             else {}
         )
 
+    @property
+    def private(self) -> bool:
+        """Whether DP-SGD is active (:meth:`make_private` was called)."""
+        return self.plan is not None
+
+    def make_private(self, plan: NoisePlan) -> None:
+        """Put every network under Opacus' per-sample clipping and noise, with one accountant.
+
+        Call it once, before training and before :meth:`load_state_dict` restores a saved
+        accountant. Every network in :attr:`nets` reads a real image (directly, or through a fake
+        made from one), so every one of them becomes private.
+        """
+        from client.privacy import SiteAccountant, make_private
+
+        if self.privacy is None:
+            raise ValueError("make_private needs privacy.enabled with privacy.level = 'example'")
+        if plan.networks != len(self.nets):
+            raise ValueError(
+                f"the noise plan was made for {plan.networks} private networks, this trainer "
+                f"has {len(self.nets)} ({', '.join(self.nets)})"
+            )
+        nets, optimizers = make_private(
+            self.nets, self.optimizers, self.privacy, plan, self.config.batch_size
+        )
+        self.nets = nets
+        self.optimizers = dict(optimizers)
+        self.plan = plan
+        self.accountant = SiteAccountant(self.privacy.accountant, self.privacy.delta)
+
+    def epsilon(self) -> float:
+        """Cumulative epsilon of this site at ``privacy.delta`` (0 without DP)."""
+        return self.accountant.epsilon() if self.accountant is not None else 0.0
+
     def _proximal_term(self) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for name, anchor in self._anchor.items():
@@ -253,55 +302,123 @@ class CycleGANTrainer:
     def _clip_and_step(self, names: Iterable[str], metrics: dict[str, float]) -> None:
         for name in names:
             net = self.nets[name]
+            optimizer = self.optimizers[name]
+            if self.private:
+                # Clip per sample, sum, and (on the last chunk of a batch) add noise; then the
+                # data-free FedProx gradient, then Adam. pre_step is False on a skipped chunk.
+                if optimizer.pre_step():  # type: ignore[attr-defined]
+                    self._add_proximal_grad(name)
+                    optimizer.original_optimizer.step()  # type: ignore[attr-defined]
+                continue
             if self.config.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(net.parameters(), self.config.max_grad_norm)
                 metrics[f"grad_norm_{name}"] = float(norm)
             self.optimizers[name].step()
 
+    def _add_proximal_grad(self, name: str) -> None:
+        """Under DP: add FedProx's ``mu (w - w_round)`` to the privatised gradient."""
+        anchor = self._anchor.get(name)
+        if not anchor:
+            return
+        for param, start in zip(self.nets[name].parameters(), anchor, strict=True):
+            if param.grad is not None:
+                param.grad.add_(param.detach() - start, alpha=self.proximal_mu)
+
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One CycleGAN update of the generators (and R), then of both discriminators."""
-        cfg = self.config
-        real_a = batch["a"].to(self.device, non_blocking=True)
-        real_b = batch["b"].to(self.device, non_blocking=True)
+        """One CycleGAN update of the generators (and R), then of both discriminators.
+
+        Under DP ``batch`` is a Poisson batch (possibly empty) and the step is recorded by the
+        site's accountant.
+        """
         for net in self.nets.values():
             net.train()
+        if not self.private:
+            real_a = batch["a"].to(self.device, non_blocking=True)
+            real_b = batch["b"].to(self.device, non_blocking=True)
+            metrics = self._update(real_a, real_b)
+        else:
+            metrics = self._private_update(batch)
+        self.step += 1
+        return metrics
+
+    def _private_update(self, batch: Batch | Any) -> dict[str, float]:
+        from client.privacy import mark_empty_batch
+
+        assert self.privacy is not None and self.plan is not None and self.accountant is not None
+        size = int(batch["a"].shape[0]) if isinstance(batch, Mapping) else 0
+        if size == 0:
+            # An empty Poisson batch: every private network still takes a pure-noise step.
+            for name, optimizer in self.optimizers.items():
+                optimizer.zero_grad(set_to_none=True)
+                mark_empty_batch(optimizer)  # type: ignore[arg-type]
+                self._clip_and_step([name], {})
+                optimizer.zero_grad(set_to_none=True)
+            self.accountant.step(self.plan)
+            return {"batch_size": 0.0}
+        chunk = self.privacy.max_physical_batch_size or size
+        starts = list(range(0, size, chunk))
+        totals: dict[str, float] = {}
+        for index, begin in enumerate(starts):
+            last = index == len(starts) - 1
+            for optimizer in self.optimizers.values():
+                optimizer.signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
+            real_a = batch["a"][begin : begin + chunk].to(self.device, non_blocking=True)
+            real_b = batch["b"][begin : begin + chunk].to(self.device, non_blocking=True)
+            part = self._update(real_a, real_b)
+            weight = real_a.shape[0] / size
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0.0) + weight * value
+        self.accountant.step(self.plan)
+        totals["batch_size"] = float(size)
+        return totals
+
+    def _update(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
         generator_names = ["g_ab", "g_ba"] + (["r"] if self.registration else [])
         metrics: dict[str, float] = {}
 
         # Generators: adversarial + cycle + identity (+ registration correction).
         for name in generator_names:
             self.optimizers[name].zero_grad(set_to_none=True)
-        with self._frozen("d_a", "d_b"), self._autocast():
-            fake_b = self.g_ab(real_a)
-            fake_a = self.g_ba(real_b)
-            loss_gan = generator_adversarial_loss(
-                cfg.gan_loss, self.nets["d_b"](fake_b)
-            ) + generator_adversarial_loss(cfg.gan_loss, self.nets["d_a"](fake_a))
-            loss_cycle = cycle_loss(self.g_ba(fake_b), real_a) + cycle_loss(
-                self.g_ab(fake_a), real_b
-            )
-            loss_g = loss_gan + cfg.lambda_cycle * loss_cycle
-            if cfg.lambda_identity > 0:
-                loss_idt = identity_loss(self.g_ab(real_b), real_b) + identity_loss(
-                    self.g_ba(real_a), real_a
+        # D is frozen through the backward too: its Opacus hooks must stay off until then.
+        with self._frozen("d_a", "d_b"):
+            with self._autocast():
+                fake_b = self.g_ab(real_a)
+                fake_a = self.g_ba(real_b)
+                loss_gan = generator_adversarial_loss(
+                    cfg.gan_loss, self.nets["d_b"](fake_b)
+                ) + generator_adversarial_loss(cfg.gan_loss, self.nets["d_a"](fake_a))
+                loss_cycle = cycle_loss(self.g_ba(fake_b), real_a) + cycle_loss(
+                    self.g_ab(fake_a), real_b
                 )
-                loss_g = loss_g + cfg.lambda_identity * loss_idt
-                metrics["loss_identity"] = _value(loss_idt)
-            if self.registration:
-                warped, flow = self.nets["r"](fake_b, real_b)
-                loss_reg = registration_correction_loss(warped, real_b)
-                # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
-                loss_smooth = smoothness_loss(flow_to_pixels(flow))
-                loss_g = (
-                    loss_g + cfg.lambda_registration * loss_reg + cfg.lambda_smooth * loss_smooth
-                )
-                metrics["loss_registration"] = _value(loss_reg)
-                metrics["loss_smooth"] = _value(loss_smooth)
-        if self._anchor:
-            loss_prox = self._proximal_term()
-            loss_g = loss_g + self.proximal_mu / 2 * loss_prox
-            metrics["loss_proximal"] = _value(loss_prox)
-        loss_g.backward()
+                loss_g = loss_gan + cfg.lambda_cycle * loss_cycle
+                if cfg.lambda_identity > 0:
+                    loss_idt = identity_loss(self.g_ab(real_b), real_b) + identity_loss(
+                        self.g_ba(real_a), real_a
+                    )
+                    loss_g = loss_g + cfg.lambda_identity * loss_idt
+                    metrics["loss_identity"] = _value(loss_idt)
+                if self.registration:
+                    warped, flow = self.nets["r"](fake_b, real_b)
+                    loss_reg = registration_correction_loss(warped, real_b)
+                    # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
+                    loss_smooth = smoothness_loss(flow_to_pixels(flow))
+                    loss_g = (
+                        loss_g
+                        + cfg.lambda_registration * loss_reg
+                        + cfg.lambda_smooth * loss_smooth
+                    )
+                    metrics["loss_registration"] = _value(loss_reg)
+                    metrics["loss_smooth"] = _value(loss_smooth)
+            if self._anchor:
+                if self.private:  # added to the noisy gradient instead (data-free)
+                    with torch.no_grad():
+                        loss_prox = self._proximal_term()
+                else:
+                    loss_prox = self._proximal_term()
+                    loss_g = loss_g + self.proximal_mu / 2 * loss_prox
+                metrics["loss_proximal"] = _value(loss_prox)
+            loss_g.backward()
         self._clip_and_step(generator_names, metrics)
 
         # Discriminators: real vs (pooled) fake, each on its own graph.
@@ -318,7 +435,6 @@ class CycleGANTrainer:
             self.optimizers[name].zero_grad(set_to_none=True)
             losses_d[name] = _value(loss_d)
 
-        self.step += 1
         metrics.update(
             loss_g=_value(loss_g),
             loss_gan=_value(loss_gan),
@@ -350,6 +466,7 @@ class CycleGANTrainer:
         if max_steps is not None:
             total = max_steps if total is None else min(total, max_steps)
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # an empty DP batch reports no loss
         steps = samples = 0
         start = time.perf_counter()
         columns = (
@@ -368,17 +485,21 @@ class CycleGANTrainer:
                 metrics = self.train_step(batch)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
                 steps += 1
-                samples += int(batch["a"].shape[0])
+                samples += (
+                    int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
+                )
                 rate = samples / max(time.perf_counter() - start, 1e-9)
                 bar.update(
                     task,
                     advance=1,
-                    info=f"G {metrics['loss_g']:.3f}  D {metrics['loss_d_a']:.3f}/"
-                    f"{metrics['loss_d_b']:.3f}  {rate:.1f} samples/s",
+                    info=f"G {metrics.get('loss_g', math.nan):.3f}  "
+                    f"D {metrics.get('loss_d_a', math.nan):.3f}/"
+                    f"{metrics.get('loss_d_b', math.nan):.3f}  {rate:.1f} samples/s",
                 )
         seconds = time.perf_counter() - start
-        summary = {key: value / max(steps, 1) for key, value in sums.items()}
+        summary = {key: value / counts[key] for key, value in sums.items()}
         summary.update(
             steps=float(steps),
             samples=float(samples),
@@ -451,6 +572,16 @@ class CycleGANTrainer:
             "pools": {name: pool.state_dict() for name, pool in self.pools.items()},
             "step": self.step,
             "epoch": self.epoch,
+            **(
+                {
+                    "privacy": {
+                        "plan": self.plan.to_dict(),
+                        "accountant": self.accountant.state_dict(),
+                    }
+                }
+                if self.plan is not None and self.accountant is not None
+                else {}
+            ),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": _numpy_state(),
@@ -458,8 +589,20 @@ class CycleGANTrainer:
             },
         }
 
+    @staticmethod
+    def saved_plan(state: Mapping[str, Any] | None) -> NoisePlan | None:
+        """The noise plan a saved state was trained under, if it was private."""
+        from client.privacy import NoisePlan
+
+        if state is None or "privacy" not in state:
+            return None
+        return NoisePlan.from_dict(state["privacy"]["plan"])
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (networks must have the same architecture)."""
+        """Restore what :meth:`state_dict` returned (networks must have the same architecture).
+
+        Under DP call :meth:`make_private` first: the accountant's history is restored too.
+        """
         if set(state["nets"]) != set(self.nets):
             raise ValueError(
                 f"saved state holds networks {sorted(state['nets'])}, this trainer has "
@@ -471,6 +614,18 @@ class CycleGANTrainer:
             self.schedulers[name].load_state_dict(state["schedulers"][name])
         for name, pool in self.pools.items():
             pool.load_state_dict(state["pools"][name], self.device)
+            if self.privacy is not None:  # the pool stays off under DP, whatever was saved
+                pool.size, pool.images = 0, []
+        saved_privacy = state.get("privacy")
+        if self.accountant is not None:
+            if saved_privacy is None:
+                if int(state["step"]) > 0:
+                    raise ValueError(
+                        "the saved state was trained without differential privacy; a private "
+                        "run cannot continue it (its earlier steps have no privacy guarantee)"
+                    )
+            else:
+                self.accountant.load_state_dict(saved_privacy["accountant"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         rng = state["rng"]

@@ -161,20 +161,46 @@ class TrainingConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy: DP-SGD per example at each site, or client-level DP."""
+    """Differential privacy: DP-SGD per training example at each site, or client-level DP.
+
+    ``level = "example"``: every network that reads a real image is trained with per-sample
+    clipping (``max_grad_norm``) and Gaussian noise (Opacus); one accountant per site composes
+    them (:mod:`client.privacy`). ``level = "site"``: each site clips its whole round update to
+    ``site_clip_norm`` and the coordinator adds Gaussian noise to the average (DP-FedAvg,
+    McMahan et al. 2018); the coordinator accounts for it.
+    """
 
     enabled: bool = False
     level: Literal["example", "site"] = "example"
-    noise_multiplier: float | None = Field(None, ge=0.0)
-    target_epsilon: float | None = Field(None, gt=0.0)
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0.0,
+        description="Noise std over clipping bound; per private network (example level) or "
+        "on the sum of site updates (site level).",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="Calibrate the noise before round 1 to reach this epsilon."
+    )
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clipping bound.")
     accountant: Literal["rdp", "prv"] = "prv"
+    grad_sample_mode: Literal["hooks", "functorch"] = Field(
+        "hooks", description="How Opacus computes per-sample gradients."
+    )
+    max_physical_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Split Poisson batches into chunks of at most this many examples "
+        "(bounds per-sample gradient memory; the privacy analysis is unchanged).",
+    )
     budget_epsilon: float | None = Field(
         None, gt=0.0, description="A site refuses to train once its epsilon would exceed this."
     )
     on_budget_exhausted: Literal["continue", "stop"] = Field(
         "continue", description="Server behaviour when a site has spent its budget."
+    )
+    site_clip_norm: float = Field(
+        1.0, gt=0.0, description="Site level: bound on the L2 norm of a site's round update."
     )
 
     @model_validator(mode="after")
@@ -184,6 +210,16 @@ class PrivacyConfig(_Section):
         if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("privacy.enabled needs noise_multiplier or target_epsilon")
         return self
+
+    @property
+    def example_level(self) -> bool:
+        """DP-SGD at the sites (per training example)."""
+        return self.enabled and self.level == "example"
+
+    @property
+    def site_level(self) -> bool:
+        """Client-level DP (clipped site updates, noise added by the coordinator)."""
+        return self.enabled and self.level == "site"
 
 
 class FederationConfig(_Section):
