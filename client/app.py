@@ -24,10 +24,12 @@ from client.federated import (
     evaluate_round,
     train_round,
 )
+from client.privacy import BudgetSpentError
 from common.federation import (
     ARRAYS,
     CONFIG,
     METRICS,
+    SITE_BUDGET,
     SITE_CRASH,
     SITE_ERROR,
     RoundInstruction,
@@ -62,6 +64,9 @@ def _store(settings: SiteSettings, context: Context) -> StateStore:
 
 
 def _refuse(msg: Message, exc: BaseException) -> Message:
+    if isinstance(exc, BudgetSpentError):
+        logger.warning("declining %s: %s", msg.metadata.message_type, exc)
+        return Message(Error(code=SITE_BUDGET, reason=str(exc)), reply_to=msg)
     if isinstance(exc, SiteError):
         logger.error("declining %s: %s", msg.metadata.message_type, exc)
         return Message(Error(code=SITE_ERROR, reason=str(exc)), reply_to=msg)

@@ -28,6 +28,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from client.privacy import (
+    check_budget,
+    clip_update,
+    group_size,
+    patient_epsilon,
+    plan_noise,
+    poisson_loader,
+)
 from client.trainer import CycleGANTrainer
 from common.config import RunConfig
 from common.data.datasets import UnpairedSlices
@@ -204,6 +212,7 @@ def _trainer(settings: SiteSettings, config: RunConfig) -> CycleGANTrainer:
         config.data.image_size,
         registration=config.registration_enabled,
         device=settings.device,
+        privacy=config.privacy,
     )
 
 
@@ -222,16 +231,19 @@ def _load_global(
         target.load_state_dict({k: v.to(trainer.device) for k, v in state.items()})
 
 
+def _loader_seed(config: RunConfig, round_number: int, epoch: int) -> int:
+    return config.training.seed * 100_003 + round_number * 1_009 + epoch
+
+
 def _loader(
     dataset: UnpairedSlices, config: RunConfig, round_number: int, epoch: int
 ) -> DataLoader:
-    seed = config.training.seed * 100_003 + round_number * 1_009 + epoch
     batch = config.training.batch_size
     return DataLoader(
         dataset,
         batch_size=batch,
         shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(_loader_seed(config, round_number, epoch)),
         num_workers=config.training.num_workers,
         drop_last=len(dataset) > batch,
     )
@@ -266,9 +278,38 @@ def train_round(
     )
     trainer = _trainer(settings, config)
     blob = store.load(instruction.run_key, instruction.round)
-    if blob is not None:
-        state = torch.load(io.BytesIO(blob), map_location=trainer.device, weights_only=True)
+    state = (
+        None
+        if blob is None
+        else torch.load(io.BytesIO(blob), map_location=trainer.device, weights_only=True)
+    )
+    plan = None
+    if config.privacy.example_level:
+        # The noise is fixed before round 1 and kept: recalibrating later would change the plan
+        # the budget was set for.
+        plan = CycleGANTrainer.saved_plan(state) or plan_noise(
+            config.privacy,
+            examples=len(dataset),
+            batch_size=config.training.batch_size,
+            networks=len(trainer.nets),
+            steps_per_round=instruction.local_steps or None,
+            epochs_per_round=instruction.local_epochs,
+            rounds=config.federation.rounds,
+        )
+        if plan.examples != len(dataset):
+            logger.warning(
+                "the site now has %d training examples, its noise plan was made for %d: the "
+                "sample rate stays %.5f (the guarantee holds; batches are larger or smaller)",
+                len(dataset),
+                plan.examples,
+                plan.sample_rate,
+            )
+        trainer.make_private(plan)
+    if state is not None:
         trainer.load_state_dict(state)
+    if plan is not None:
+        assert trainer.accountant is not None
+        check_budget(trainer.accountant, plan, config.privacy.budget_epsilon)
     _load_global(trainer, global_state, instruction.share)
     trainer.set_lr(instruction.lr)
     trainer.set_proximal(instruction.proximal_mu)
@@ -283,7 +324,16 @@ def train_round(
         if budget is not None and steps >= budget:
             break
         trainer.epoch = (instruction.round - 1) * max(instruction.local_epochs, 1) + epoch
-        loader = _loader(dataset, config, instruction.round, epoch)
+        loader = (
+            _loader(dataset, config, instruction.round, epoch)
+            if plan is None
+            else poisson_loader(
+                dataset,
+                plan,
+                seed=_loader_seed(config, instruction.round, epoch),
+                num_workers=config.training.num_workers,
+            )
+        )
         summary = trainer.train_epoch(loader, max_steps=None if budget is None else budget - steps)
         done = int(summary["steps"])
         for key, value in summary.items():
@@ -302,10 +352,16 @@ def train_round(
 
     trained = flatten(trainer.nets, SHARED_NETS[instruction.share])
     shared = update_from(trained, global_state)
+    if config.privacy.site_level:
+        shared = clip_update(shared, config.privacy.site_clip_norm)
     if settings.fault is not None:
         shared = _corrupt(shared, settings.fault)
     seconds = time.perf_counter() - start
-    metrics = {key: value / steps for key, value in sums.items()}
+    # Under DP the training losses stay home: they are computed from the examples without noise,
+    # so the guarantee would not cover them. Counts, timings and epsilon remain.
+    metrics = (
+        {} if config.privacy.enabled else {key: value / steps for key, value in sums.items()}
+    )
     metrics.update(
         {
             "num-examples": float(samples),
@@ -315,6 +371,23 @@ def train_round(
             "lr": instruction.lr,
         }
     )
+    if plan is not None:
+        assert trainer.accountant is not None
+        metrics["epsilon"] = trainer.epsilon()
+        metrics["delta"] = config.privacy.delta
+        group = group_size(site.domain_a, site.domain_b)
+        logger.info(
+            "round %d: epsilon %.3f at delta %g after %d DP steps (sigma %.3f, q %.5f); a whole "
+            "patient (up to %d examples): epsilon %.1f (group privacy, stays at this site)",
+            instruction.round,
+            metrics["epsilon"],
+            config.privacy.delta,
+            trainer.accountant.steps,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            group,
+            patient_epsilon(plan, trainer.accountant.steps, group, config.privacy.delta),
+        )
     if settings.partition_id is not None:
         metrics["partition-id"] = float(settings.partition_id)
     logger.info(
@@ -323,8 +396,8 @@ def train_round(
         steps,
         samples,
         seconds,
-        metrics.get("loss_g", math.nan),
-        metrics.get("loss_cycle", math.nan),
+        sums.get("loss_g", math.nan) / max(steps, 1),  # the site's own log keeps the losses
+        sums.get("loss_cycle", math.nan) / max(steps, 1),
     )
     return shared, metrics
 

@@ -4,10 +4,16 @@ Both baselines use the very trainer the federated client uses, on the same prepr
 their numbers are comparable with a federated run's. A run folder holds the resolved config,
 ``metrics.jsonl`` (one line per epoch), the resumable trainer state, the checkpoint (rewritten
 after every epoch, atomically) and, when the sites have paired subjects, ``evaluation.json``.
+
+With ``privacy.level = "example"`` the run is DP-SGD (:mod:`client.privacy`) with the noise
+planned for ``training.epochs`` epochs; each epoch's line and the checkpoint carry the cumulative
+epsilon, and training stops early, with a warning, at the epoch that would pass
+``privacy.budget_epsilon``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from client.privacy import (
+    BudgetSpentError,
+    NoisePlan,
+    check_budget,
+    group_size,
+    patient_epsilon,
+    plan_noise,
+    poisson_loader,
+)
 from client.trainer import CycleGANTrainer
 from common.checkpoint import CheckpointMetadata, OutputScale, save_checkpoint
 from common.config import RunConfig, write_resolved_config
@@ -102,10 +117,33 @@ def train_local(
         config.training,
         config.data.image_size,
         registration=config.registration_enabled,
+        privacy=config.privacy,
     )
     state_path = run_dir / STATE_NAME
-    if resume and state_path.exists():
-        trainer.load_state(state_path)
+    state = (
+        torch.load(state_path, map_location=trainer.device, weights_only=True)
+        if resume and state_path.exists()
+        else None
+    )
+    plan = None
+    if config.privacy.example_level:
+        plan = CycleGANTrainer.saved_plan(state) or plan_noise(
+            config.privacy,
+            examples=len(dataset),
+            batch_size=config.training.batch_size,
+            networks=len(trainer.nets),
+            steps_per_round=None,
+            epochs_per_round=1,
+            rounds=config.training.epochs,
+        )
+        trainer.make_private(plan)
+    elif config.privacy.site_level:
+        raise ValueError(
+            "privacy.level = 'site' protects a site's contribution to a federation; a local or "
+            "pooled run has none: use privacy.level = 'example'"
+        )
+    if state is not None:
+        trainer.load_state_dict(state)
         logger.info("resumed %s at epoch %d (step %d)", run_dir, trainer.epoch, trainer.step)
 
     kind = "local" if len(sites) == 1 else "pooled"
@@ -120,11 +158,30 @@ def train_local(
     checkpoint = run_dir / CHECKPOINT_DIR
     history: list[dict[str, float]] = []
     while trainer.epoch < config.training.epochs:
-        loader = make_loader(dataset, config, trainer.epoch)
-        history += trainer.fit(loader, 1, metrics_path=run_dir / "metrics.jsonl", progress=progress)
+        if plan is None:
+            loader = make_loader(dataset, config, trainer.epoch)
+        else:
+            assert trainer.accountant is not None
+            try:
+                check_budget(trainer.accountant, plan, config.privacy.budget_epsilon)
+            except BudgetSpentError as exc:
+                logger.warning("stopping after epoch %d: %s", trainer.epoch, exc)
+                break
+            loader = poisson_loader(
+                dataset,
+                plan,
+                seed=config.training.seed * 100_003 + trainer.epoch,
+                num_workers=config.training.num_workers,
+            )
+        history += trainer.fit(loader, 1, progress=progress)
+        if plan is not None:
+            history[-1].update(epsilon=trainer.epsilon(), delta=config.privacy.delta)
+        _append_jsonl(run_dir / "metrics.jsonl", history[-1])
         trainer.save_state(state_path)
         metadata.epoch, metadata.step = trainer.epoch, trainer.step
         metadata.metrics = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
+        if plan is not None:
+            metadata.privacy = _privacy_record(trainer, plan, config, domain_a, domain_b)
         save_checkpoint(checkpoint, trainer.generators(), metadata)
 
     evaluations: list[EvaluationReport] = []
@@ -154,3 +211,34 @@ def train_local(
             )
             save_checkpoint(checkpoint, trainer.generators(), metadata)
     return LocalRun(run_dir, checkpoint, history, evaluations)
+
+
+def _append_jsonl(path: Path, values: dict[str, float]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(values, sort_keys=True) + "\n")
+
+
+def _privacy_record(
+    trainer: CycleGANTrainer,
+    plan: NoisePlan,
+    config: RunConfig,
+    domain_a: Sequence[Volume],
+    domain_b: Sequence[Volume],
+) -> dict[str, float | int | str]:
+    """What a local DP run spent, for its checkpoint (a pooled run is one data holder)."""
+    assert trainer.accountant is not None
+    group = group_size(domain_a, domain_b)
+    steps = trainer.accountant.steps
+    return {
+        "level": "example",
+        "epsilon": trainer.epsilon(),
+        "delta": config.privacy.delta,
+        "accountant": config.privacy.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "effective_noise_multiplier": plan.effective_noise,
+        "sample_rate": plan.sample_rate,
+        "steps": steps,
+        "max_grad_norm": config.privacy.max_grad_norm,
+        "examples_per_patient": group,
+        "patient_epsilon": patient_epsilon(plan, steps, group, config.privacy.delta),
+    }

@@ -38,19 +38,20 @@ from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule as _GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 
+from common.accounting import RDP_ORDERS, epsilon_of
 from common.config import PrivacyConfig
 from common.data.site import Volume
 
 logger = logging.getLogger(__name__)
-
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
 
 
 class BudgetSpentError(Exception):
@@ -212,17 +213,6 @@ class SiteAccountant:
         self.accountant.history = [(float(n), float(q), int(s)) for n, q, s in state["history"]]
 
 
-def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, mechanism: str) -> float:
-    """Epsilon of a history of Poisson-subsampled Gaussian runs, by a fresh Opacus accountant."""
-    if not history:
-        return 0.0
-    accountant = create_accountant(mechanism=mechanism)
-    accountant.history = [(float(n), float(q), int(s)) for n, q, s in history]
-    if mechanism == "rdp":
-        return float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
-    return float(accountant.get_epsilon(delta=delta))
-
-
 def group_size(domain_a: Sequence[Volume], domain_b: Sequence[Volume]) -> int:
     """Most training examples one patient's slices can sit in during one epoch.
 
@@ -279,7 +269,7 @@ def conv2d_grad_sample(
     n = x.shape[0]
     if layer.groups != 1 or n == 0 or isinstance(layer.padding, str):
         return compute_conv_grad_sample(layer, activations, backprops)
-    out: dict[nn.Parameter, torch.Tensor] = {}
+    out: dict[Any, torch.Tensor] = {}
     if layer.weight.requires_grad:
         kh, kw = layer.kernel_size
         grads = F.conv2d(
@@ -309,7 +299,7 @@ def conv_transpose2d_grad_sample(
     n = x.shape[0]
     if layer.groups != 1 or n == 0:
         return ft_compute_per_sample_gradient(layer, activations, backprops)
-    out: dict[nn.Parameter, torch.Tensor] = {}
+    out: dict[Any, torch.Tensor] = {}
     if layer.weight.requires_grad:
         kh, kw = layer.kernel_size
         grads = F.conv2d(
@@ -385,3 +375,42 @@ def mark_empty_batch(optimizer: DPOptimizer) -> None:
     """
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def poisson_loader(
+    dataset: Dataset[Any], plan: NoisePlan, *, seed: int, num_workers: int = 0
+) -> DataLoader[Any]:
+    """Opacus' Poisson-sampling loader: ``1 / q`` batches, each example in with probability ``q``.
+
+    Batches vary in size and may be empty (the trainer then takes a pure-noise step).
+    """
+    return DPDataLoader(
+        dataset,
+        sample_rate=plan.sample_rate,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+    )
+
+
+def check_budget(accountant: SiteAccountant, plan: NoisePlan, budget: float | None) -> float:
+    """The epsilon after one more round; raise :class:`BudgetSpentError` if it passes ``budget``."""
+    projected = accountant.epsilon(plan.steps_per_round, plan)
+    if budget is not None and projected > budget:
+        raise BudgetSpentError(
+            f"privacy budget spent: epsilon is {accountant.epsilon():.3f} and one more round "
+            f"({plan.steps_per_round} steps) would make it {projected:.3f}, above "
+            f"privacy.budget_epsilon = {budget:g} (delta {accountant.delta:g})"
+        )
+    return projected
+
+
+def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float) -> dict[str, torch.Tensor]:
+    """Site-level DP: scale a round's update (trained - received) to L2 norm <= ``clip_norm``."""
+    norm = math.sqrt(
+        sum(float((v.double() ** 2).sum()) for v in update.values() if v.is_floating_point())
+    )
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    logger.info(
+        "site-level DP: update norm %.4g, clipped to %g (scale %.4g)", norm, clip_norm, scale
+    )
+    return {k: (v * scale if v.is_floating_point() else v) for k, v in update.items()}

@@ -350,7 +350,7 @@ class CycleGANTrainer:
             # An empty Poisson batch: every private network still takes a pure-noise step.
             for name, optimizer in self.optimizers.items():
                 optimizer.zero_grad(set_to_none=True)
-                mark_empty_batch(optimizer)  # type: ignore[arg-type]
+                mark_empty_batch(optimizer)
                 self._clip_and_step([name], {})
                 optimizer.zero_grad(set_to_none=True)
             self.accountant.step(self.plan)
@@ -372,44 +372,61 @@ class CycleGANTrainer:
         totals["batch_size"] = float(size)
         return totals
 
-    def _update(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+    def generator_loss(
+        self, real_a: torch.Tensor, real_b: torch.Tensor, metrics: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The generators' (and R's) loss on a batch: adversarial + cycle + identity (+ RegGAN).
+
+        Returns ``(loss, fake_a, fake_b)``; losses go into ``metrics``. Call it with D frozen.
+        The FedProx term is not included. A mean over examples, so the loss of a batch of one is
+        that example's own loss (what the DP tests compare per-sample gradients against).
+        """
         cfg = self.config
+        with self._autocast():
+            fake_b = self.g_ab(real_a)
+            fake_a = self.g_ba(real_b)
+            loss_gan = generator_adversarial_loss(
+                cfg.gan_loss, self.nets["d_b"](fake_b)
+            ) + generator_adversarial_loss(cfg.gan_loss, self.nets["d_a"](fake_a))
+            loss_cycle = cycle_loss(self.g_ba(fake_b), real_a) + cycle_loss(
+                self.g_ab(fake_a), real_b
+            )
+            loss_g = loss_gan + cfg.lambda_cycle * loss_cycle
+            if cfg.lambda_identity > 0:
+                loss_idt = identity_loss(self.g_ab(real_b), real_b) + identity_loss(
+                    self.g_ba(real_a), real_a
+                )
+                loss_g = loss_g + cfg.lambda_identity * loss_idt
+                metrics["loss_identity"] = _value(loss_idt)
+            if self.registration:
+                warped, flow = self.nets["r"](fake_b, real_b)
+                loss_reg = registration_correction_loss(warped, real_b)
+                # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
+                loss_smooth = smoothness_loss(flow_to_pixels(flow))
+                loss_g = (
+                    loss_g + cfg.lambda_registration * loss_reg + cfg.lambda_smooth * loss_smooth
+                )
+                metrics["loss_registration"] = _value(loss_reg)
+                metrics["loss_smooth"] = _value(loss_smooth)
+        metrics["loss_gan"] = _value(loss_gan)
+        metrics["loss_cycle"] = _value(loss_cycle)
+        return loss_g, fake_a, fake_b
+
+    def discriminator_loss(self, name: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """D_A's or D_B's loss: real vs (pooled, detached) fake."""
+        with self._autocast():
+            net = self.nets[name]
+            return discriminator_loss(self.config.gan_loss, net(real), net(fake.float()))
+
+    def _update(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
         generator_names = ["g_ab", "g_ba"] + (["r"] if self.registration else [])
         metrics: dict[str, float] = {}
 
-        # Generators: adversarial + cycle + identity (+ registration correction).
         for name in generator_names:
             self.optimizers[name].zero_grad(set_to_none=True)
         # D is frozen through the backward too: its Opacus hooks must stay off until then.
         with self._frozen("d_a", "d_b"):
-            with self._autocast():
-                fake_b = self.g_ab(real_a)
-                fake_a = self.g_ba(real_b)
-                loss_gan = generator_adversarial_loss(
-                    cfg.gan_loss, self.nets["d_b"](fake_b)
-                ) + generator_adversarial_loss(cfg.gan_loss, self.nets["d_a"](fake_a))
-                loss_cycle = cycle_loss(self.g_ba(fake_b), real_a) + cycle_loss(
-                    self.g_ab(fake_a), real_b
-                )
-                loss_g = loss_gan + cfg.lambda_cycle * loss_cycle
-                if cfg.lambda_identity > 0:
-                    loss_idt = identity_loss(self.g_ab(real_b), real_b) + identity_loss(
-                        self.g_ba(real_a), real_a
-                    )
-                    loss_g = loss_g + cfg.lambda_identity * loss_idt
-                    metrics["loss_identity"] = _value(loss_idt)
-                if self.registration:
-                    warped, flow = self.nets["r"](fake_b, real_b)
-                    loss_reg = registration_correction_loss(warped, real_b)
-                    # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
-                    loss_smooth = smoothness_loss(flow_to_pixels(flow))
-                    loss_g = (
-                        loss_g
-                        + cfg.lambda_registration * loss_reg
-                        + cfg.lambda_smooth * loss_smooth
-                    )
-                    metrics["loss_registration"] = _value(loss_reg)
-                    metrics["loss_smooth"] = _value(loss_smooth)
+            loss_g, fake_a, fake_b = self.generator_loss(real_a, real_b, metrics)
             if self._anchor:
                 if self.private:  # added to the noisy gradient instead (data-free)
                     with torch.no_grad():
@@ -424,24 +441,15 @@ class CycleGANTrainer:
         # Discriminators: real vs (pooled) fake, each on its own graph.
         pooled_b = self.pools["b"].query(fake_b.detach())
         pooled_a = self.pools["a"].query(fake_a.detach())
-        losses_d = {}
         for name, real, fake in (("d_b", real_b, pooled_b), ("d_a", real_a, pooled_a)):
             self.optimizers[name].zero_grad(set_to_none=True)
-            with self._autocast():
-                net = self.nets[name]
-                loss_d = discriminator_loss(cfg.gan_loss, net(real), net(fake.float()))
+            loss_d = self.discriminator_loss(name, real, fake)
             loss_d.backward()
             self._clip_and_step([name], metrics)
             self.optimizers[name].zero_grad(set_to_none=True)
-            losses_d[name] = _value(loss_d)
+            metrics[f"loss_{name}"] = _value(loss_d)
 
-        metrics.update(
-            loss_g=_value(loss_g),
-            loss_gan=_value(loss_gan),
-            loss_cycle=_value(loss_cycle),
-            loss_d_a=losses_d["d_a"],
-            loss_d_b=losses_d["d_b"],
-        )
+        metrics["loss_g"] = _value(loss_g)
         return metrics
 
     def train_epoch(

@@ -322,6 +322,16 @@ class RunConfig(_Section):
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_privacy(self) -> Self:
+        if self.privacy.site_level and self.federation.strategy in ("fedmedian", "fedtrimmedavg"):
+            raise ValueError(
+                "privacy.level = 'site' adds noise to a mean of clipped updates; "
+                f"federation.strategy = {self.federation.strategy!r} is not a mean (use fedavg, "
+                "fedprox, fedadam or fedyogi)"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name

@@ -30,6 +30,7 @@ from common.wire import decode, encode
 
 SITE_ERROR = 100  # a site declined the round for a reason it states (no path, no subject)
 SITE_CRASH = 101  # an unexpected exception at a site (details in the site's own log)
+SITE_BUDGET = 102  # a site refused to train: one more round would pass its privacy budget
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -134,10 +135,17 @@ class RoundInstruction:
 
 
 def flatten(nets: Mapping[str, torch.nn.Module], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """``{"g_ab.<param>": tensor, ...}`` for the named networks (floating point + buffers)."""
+    """``{"g_ab.<param>": tensor, ...}`` for the named networks (floating point + buffers).
+
+    A network wrapped for DP-SGD (Opacus' ``GradSampleModule``) is read through its inner
+    module, so private and non-private sites send the same keys.
+    """
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        for key, value in nets[name].state_dict().items():
+        net = nets[name]
+        inner = getattr(net, "_module", None)
+        net = inner if isinstance(inner, torch.nn.Module) else net
+        for key, value in net.state_dict().items():
             out[f"{name}.{key}"] = value.detach()
     return out
 

@@ -34,6 +34,7 @@ class RoundRecord:
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_per_site: dict[str, int] = field(default_factory=dict)
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    delta: float | None = None  # the delta every epsilon above is stated at
     rejected: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -60,7 +61,11 @@ def save_round(
             "round": record.round,
             "metrics": dict(record.aggregated),
             "privacy": (
-                {"epsilon_per_site": record.epsilon_per_site, "worst_epsilon": record.worst_epsilon}
+                {
+                    "epsilon_per_site": record.epsilon_per_site,
+                    "worst_epsilon": record.worst_epsilon,
+                    "delta": record.delta,
+                }
                 if record.epsilon_per_site
                 else None
             ),

@@ -43,6 +43,7 @@ from common.federation import (
     ARRAYS,
     CONFIG,
     SHARED_NETS,
+    SITE_BUDGET,
     SITE_CRASH,
     SITE_ERROR,
     RoundInstruction,
@@ -58,7 +59,7 @@ from common.federation import (
 from common.io import atomic_save, atomic_write_text
 from common.models import define_cyclegan
 from server.checkpoint import RoundRecord, latest_round, load_round, round_dir, save_round
-from server.strategy import SiteUpdate, make_aggregator
+from server.strategy import SiteLevelDP, SiteUpdate, make_aggregator
 from server.validation import check_update
 
 logger = logging.getLogger("fedsynth.server")
@@ -101,6 +102,9 @@ class RoundSummary:
     train_seconds: float  # sending, training and collecting, up to aggregation
     slowest_site_seconds: float  # the slowest accepted site's own report (load data + train)
     overhead_seconds: float  # round wall time minus the slowest site's training time
+    epsilon: dict[str, float] = field(default_factory=dict)  # cumulative, every site so far
+    worst_epsilon: float | None = None
+    budget_spent: list[str] = field(default_factory=list)  # sites that refused this round
 
 
 def _weighted(metrics: Mapping[str, Mapping[str, float]], weight_key: str) -> dict[str, float]:
@@ -146,7 +150,8 @@ class Coordinator:
         self.site_dirs = [s for s in site_dirs if s]
         self.names: dict[int, str] = {}
         self.known_sites: set[str] = set()  # sites that sent a valid update in some round
-        self.aggregator = make_aggregator(self.fed)
+        self.epsilon: dict[str, float] = {}  # latest cumulative epsilon each site reported
+        self.aggregator = make_aggregator(self.fed, config.privacy)
         self.start_round = 1
         self.config_text = dumps_config(config)
 
@@ -186,6 +191,7 @@ class Coordinator:
                 self.start_round = last + 1
                 _, _, record = load_round(self.run_dir, last)
                 self.known_sites = set(record.per_site)
+                self.epsilon = dict(record.epsilon_per_site)
             logger.info("resuming %s after round %s", self.run_dir, last or 0)
             return run_key
         if latest_round(self.run_dir) is not None:
@@ -334,6 +340,7 @@ class Coordinator:
         rejected: dict[str, list[str]] = {}
         train_metrics: dict[str, dict[str, float]] = {}
         bytes_up: dict[str, int] = {}
+        budget_spent: list[str] = []
         for node in sorted(exchange.missing):
             rejected[self.site_name(node)] = [
                 f"no reply within federation.round_timeout_s = {self.fed.round_timeout_s:g} s"
@@ -341,6 +348,10 @@ class Coordinator:
         for node, reply in sorted(exchange.replies.items()):
             if reply.has_error():
                 code = reply.error.code
+                if code == SITE_BUDGET:
+                    budget_spent.append(self.site_name(node))
+                    rejected[self.site_name(node)] = [str(reply.error.reason)]
+                    continue
                 origin = "site" if code in (SITE_ERROR, SITE_CRASH) else "Flower"
                 rejected[self.site_name(node)] = [f"{origin} error {code}: {reply.error.reason}"]
                 continue
@@ -370,6 +381,16 @@ class Coordinator:
         self.known_sites |= {u.site for u in updates}
         for site, reasons in sorted(rejected.items()):
             logger.warning("round %d: left out %s: %s", round_number, site, "; ".join(reasons))
+        for site in [u.site for u in updates]:
+            if "epsilon" in train_metrics[site]:
+                self.epsilon[site] = train_metrics[site]["epsilon"]
+        if budget_spent and self.config.privacy.on_budget_exhausted == "stop":
+            raise CoordinatorStoppedError(
+                f"round {round_number}: {', '.join(sorted(budget_spent))} spent its privacy "
+                "budget and privacy.on_budget_exhausted is 'stop' ("
+                + "; ".join(f"{s}: {rejected[s][0]}" for s in sorted(budget_spent))
+                + ")"
+            )
         if len(updates) < self.fed.min_sites:
             raise CoordinatorStoppedError(
                 f"round {round_number}: {len(updates)} valid update(s), federation.min_sites is "
@@ -383,6 +404,11 @@ class Coordinator:
         slowest = max(m.get("seconds", 0.0) for m in train_metrics.values())
 
         self.state = self.aggregator.aggregate(self.state, updates)
+        if isinstance(self.aggregator, SiteLevelDP):
+            # Client-level DP protects each site's whole participation with the same epsilon.
+            site_epsilon = self.aggregator.epsilon()
+            for site in self.known_sites:
+                self.epsilon[site] = site_epsilon
         for name, params in unflatten(self.state).items():
             self.nets[name].load_state_dict(params)
 
@@ -432,6 +458,9 @@ class Coordinator:
             train_seconds=train_seconds,
             slowest_site_seconds=slowest,
             overhead_seconds=seconds - slowest,
+            epsilon=dict(self.epsilon),
+            worst_epsilon=max(self.epsilon.values()) if self.epsilon else None,
+            budget_spent=sorted(budget_spent),
         )
         self._record(summary)
         return summary
@@ -461,9 +490,8 @@ class Coordinator:
             aggregated=summary.aggregated,
             per_site={**summary.train_metrics},
             bytes_per_site=summary.bytes_up,
-            epsilon_per_site={
-                s: m["epsilon"] for s, m in summary.train_metrics.items() if "epsilon" in m
-            },
+            epsilon_per_site=dict(summary.epsilon),
+            delta=self.config.privacy.delta if summary.epsilon else None,
             rejected=summary.rejected,
             seconds=summary.seconds,
         )
@@ -481,12 +509,20 @@ class Coordinator:
             for key in ("loss_g", "loss_cycle", "seconds"):
                 if key in metrics:
                     writer.add_scalar(f"site/{site}/{key}", metrics[key], summary.round)
+        for site, epsilon in summary.epsilon.items():
+            writer.add_scalar(f"privacy/epsilon/{site}", epsilon, summary.round)
+        if summary.worst_epsilon is not None:
+            writer.add_scalar("privacy/worst_epsilon", summary.worst_epsilon, summary.round)
         writer.add_scalar("round/seconds", summary.seconds, summary.round)
         writer.add_scalar("round/overhead_seconds", summary.overhead_seconds, summary.round)
         writer.flush()
         psnr = summary.aggregated.get("eval/psnr", summary.aggregated.get("central/psnr"))
+        privacy = ""
+        if summary.worst_epsilon is not None:
+            worst = max(summary.epsilon, key=lambda s: summary.epsilon[s])
+            privacy = f", epsilon max {summary.worst_epsilon:.2f} ({worst})"
         logger.info(
-            "round %d/%d: %d/%d sites accepted%s, G %.4f, %s, up %.2f MB/site, %.1f s "
+            "round %d/%d: %d/%d sites accepted%s, G %.4f, %s%s, up %.2f MB/site, %.1f s "
             "(overhead %.1f s)",
             summary.round,
             self.fed.rounds,
@@ -495,6 +531,7 @@ class Coordinator:
             f" (left out: {', '.join(sorted(summary.rejected))})" if summary.rejected else "",
             summary.aggregated.get("train/loss_g", math.nan),
             f"PSNR {psnr:.2f} dB" if psnr is not None else "no evaluation",
+            privacy,
             (sum(summary.bytes_up.values()) / max(len(summary.bytes_up), 1)) / 1e6,
             summary.seconds,
             summary.overhead_seconds,

@@ -12,18 +12,29 @@ the largest value wins.
   :meth:`Aggregator.state_dict` so a resumed run continues exactly.
 * ``fedmedian``: coordinate-wise median (mean of the two middle values for an even count).
 * ``fedtrimmedavg``: coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest.
+
+With ``privacy.level = "site"`` the rule is wrapped in :class:`SiteLevelDP` (DP-FedAvg, McMahan et
+al. 2018): every update clipped to a fixed norm, an unweighted mean, Gaussian noise on it, and a
+coordinator-side accountant; FedAdam/FedYogi then step on the noisy mean (post-processing).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import FederationConfig
+from common.accounting import epsilon_of
+from common.config import FederationConfig, PrivacyConfig
+
+logger = logging.getLogger("fedsynth.server")
 
 State = dict[str, torch.Tensor]
 
@@ -181,8 +192,160 @@ class FedYogi(_ServerOptimizer):
         return v - (1 - self.beta2) * squared * torch.sign(v - squared)
 
 
-def make_aggregator(config: FederationConfig) -> Aggregator:
-    """The rule ``federation.strategy`` names, with its settings from the same section."""
+def update_norm(
+    state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
+) -> float:
+    """L2 norm of ``state - global_state`` over the floating entries, in float64."""
+    total = 0.0
+    for key, reference in global_state.items():
+        if reference.is_floating_point():
+            delta = state[key].to(torch.float64) - reference.to(torch.float64)
+            total += float((delta**2).sum())
+    return math.sqrt(total)
+
+
+class SiteLevelDP(Aggregator):
+    """Client-level DP around a mean-based rule: clip, unweighted mean, Gaussian noise, account.
+
+    Each site clips its round update to ``clip_norm`` before sending (and the coordinator clips
+    again, so one site that does not cannot break the guarantee). The sum of the ``n`` clipped
+    updates changes by at most ``clip_norm`` when one site joins or leaves, so Gaussian noise of
+    std ``noise_multiplier * clip_norm`` on the sum, divided by ``n``, is a Gaussian mechanism per
+    round; ``sample_rate`` is the fraction of online sites the round samples. Weights are uniform
+    on purpose: example-weighting would let a large site move the mean by more than the bound.
+
+    Args:
+        inner: the rule applied to the noisy mean (FedAvg/FedProx keep it; FedAdam/FedYogi step
+            on it).
+        noise_multiplier: noise std over ``clip_norm``.
+        clip_norm: bound on each site's update norm.
+        mechanism: ``"rdp"`` or ``"prv"``.
+        delta: the delta epsilon is reported at.
+    """
+
+    name = "site-level-dp"
+
+    def __init__(
+        self,
+        inner: Aggregator,
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        mechanism: str,
+        delta: float,
+        seed: int | None = None,
+    ):
+        self.inner = inner
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.mechanism = mechanism
+        self.delta = delta
+        self.accountant = create_accountant(mechanism=mechanism)
+        # The noise must be unpredictable to the sites: a fresh secret seed per run, whose
+        # generator state is saved with the server state so a resumed run continues exactly.
+        self.generator = torch.Generator().manual_seed(
+            secrets.randbits(63) if seed is None else seed
+        )
+        # No amplification by sampling is claimed: the coordinator's site sampling is seeded
+        # (reproducible) and a site knows whether it was asked.
+        self.sample_rate = 1.0
+
+    def clip(self, update: SiteUpdate, global_state: Mapping[str, torch.Tensor]) -> SiteUpdate:
+        norm = update_norm(update.state, global_state)
+        if norm <= self.clip_norm * (1 + 1e-6):
+            return update
+        logger.warning(
+            "%s sent an update of norm %.4g above privacy.site_clip_norm = %g: clipped here",
+            update.site,
+            norm,
+            self.clip_norm,
+        )
+        scale = self.clip_norm / norm
+        state = {
+            key: (
+                reference.to(torch.float64)
+                + scale * (update.state[key].to(torch.float64) - reference.to(torch.float64))
+            ).to(reference.dtype)
+            if reference.is_floating_point()
+            else update.state[key]
+            for key, reference in global_state.items()
+        }
+        return SiteUpdate(update.site, state, update.num_examples)
+
+    def aggregate(
+        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[SiteUpdate]
+    ) -> State:
+        ordered = [self.clip(u, global_state) for u in _ordered(updates)]
+        n = len(ordered)
+        std = self.noise_multiplier * self.clip_norm / n
+        noisy: State = {}
+        for key, reference in global_state.items():
+            if not reference.is_floating_point():
+                noisy[key] = torch.stack([u.state[key] for u in ordered]).amax(0)
+                continue
+            mean = _stack(ordered, key).mean(0)
+            noise = torch.normal(
+                0.0, std, size=reference.shape, generator=self.generator, dtype=torch.float64
+            )
+            noisy[key] = (mean + noise).to(reference.dtype)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.inner.aggregate(global_state, [SiteUpdate("noisy-mean", noisy, 1)])
+
+    def epsilon(self) -> float:
+        """Cumulative site-level epsilon at ``delta`` over the rounds aggregated so far."""
+        return epsilon_of(self.accountant.history, self.delta, self.mechanism)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "history": [[float(n), float(q), int(k)] for n, q, k in self.accountant.history],
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
+        self.accountant.history = [(float(n), float(q), int(k)) for n, q, k in state["history"]]
+        self.generator.set_state(state["generator"])
+
+
+def site_level_noise(privacy: PrivacyConfig, *, sample_rate: float, rounds: int) -> float:
+    """``privacy.noise_multiplier``, or the one that reaches ``target_epsilon`` after ``rounds``."""
+    if privacy.noise_multiplier is not None:
+        return float(privacy.noise_multiplier)
+    assert privacy.target_epsilon is not None
+    sigma = get_noise_multiplier(
+        target_epsilon=privacy.target_epsilon,
+        target_delta=privacy.delta,
+        sample_rate=sample_rate,
+        steps=rounds,
+        accountant=privacy.accountant,
+        epsilon_tolerance=0.005,
+    )
+    logger.info(
+        "site-level DP: noise multiplier %.4f for epsilon %g at delta %g over %d rounds",
+        sigma,
+        privacy.target_epsilon,
+        privacy.delta,
+        rounds,
+    )
+    return float(sigma)
+
+
+def make_aggregator(config: FederationConfig, privacy: PrivacyConfig | None = None) -> Aggregator:
+    """The rule ``federation.strategy`` names; wrapped in :class:`SiteLevelDP` at site level."""
+    inner = _rule(config)
+    if privacy is None or not privacy.site_level:
+        return inner
+    return SiteLevelDP(
+        inner,
+        noise_multiplier=site_level_noise(privacy, sample_rate=1.0, rounds=config.rounds),
+        clip_norm=privacy.site_clip_norm,
+        mechanism=privacy.accountant,
+        delta=privacy.delta,
+    )
+
+
+def _rule(config: FederationConfig) -> Aggregator:
     name = config.strategy
     if name == "fedavg":
         return Aggregator()

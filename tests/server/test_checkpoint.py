@@ -40,6 +40,7 @@ def test_rounds_are_saved_and_the_latest_is_resumed(tmp_path: Path) -> None:
             per_site={"site-1": {"loss_g": 0.5}},
             bytes_per_site={"site-1": 1234},
             epsilon_per_site={"site-1": 0.5 * number, "site-2": 0.7 * number},
+            delta=1e-5,
             rejected={"site-3": ["conv.weight: 1 NaN or infinite value(s)"]},
         )
         save_round(tmp_path, _generators(number), META, record)
@@ -49,6 +50,7 @@ def test_rounds_are_saved_and_the_latest_is_resumed(tmp_path: Path) -> None:
     assert metadata.privacy == {
         "epsilon_per_site": {"site-1": 1.0, "site-2": 1.4},
         "worst_epsilon": 1.4,
+        "delta": 1e-5,
     }
     assert record.rejected == {"site-3": ["conv.weight: 1 NaN or infinite value(s)"]}
     expected = _generators(2)["g_ab"].state_dict()
