@@ -92,6 +92,13 @@ def client_command(
             "daemons share one machine)."
         ),
     ] = 9094,
+    max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="This hospital's own privacy cap: refuse any round without example-level DP, "
+            "or one that would take its epsilon past this (whatever the coordinator asks)."
+        ),
+    ] = None,
     fault: Annotated[
         str | None,
         typer.Option(hidden=True, help="Testing only: corrupt updates (nan or shape)."),
@@ -109,6 +116,7 @@ def client_command(
         audit_log=audit_log,
         fault=fault,
         runtime_port=runtime_port,
+        max_epsilon=max_epsilon,
     )
     if insecure:
         Console(stderr=True).print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}")

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.privacy import (
+    BudgetSpentError,
     check_budget,
     clip_update,
     group_size,
@@ -76,6 +77,8 @@ class SiteSettings:
         fault: testing only, ``nan`` or ``shape``: corrupt the update to exercise the
             coordinator's checks.
         partition_id: simulation only, the index of this site in the run's site list.
+        max_epsilon: the hospital's own privacy cap (``--max-epsilon``): it trains only under
+            example-level DP and never past this epsilon, whatever the coordinator's config says.
     """
 
     data_dir: Path
@@ -84,6 +87,7 @@ class SiteSettings:
     cache_dir: Path | None = None
     fault: str | None = None
     partition_id: int | None = None
+    max_epsilon: float | None = None
 
     @classmethod
     def from_configs(
@@ -112,6 +116,11 @@ class SiteSettings:
         if fault is not None and fault not in FAULTS:
             raise SiteError(f"node config fault={fault!r}: expected one of {', '.join(FAULTS)}")
         cache = text("cache-dir") or text("cache-dir", run_config)
+        cap = text("max-epsilon")
+        try:
+            max_epsilon = float(cap) if cap is not None else None
+        except ValueError:
+            raise SiteError(f"node config max-epsilon={cap!r}: expected a number") from None
         return cls(
             data_dir=data_dir,
             device=text("device"),
@@ -119,6 +128,7 @@ class SiteSettings:
             cache_dir=Path(cache) if cache else (Path(state) / "cache" if state else None),
             fault=fault,
             partition_id=int(partition) if partition is not None else None,
+            max_epsilon=max_epsilon,
         )
 
 
@@ -269,6 +279,12 @@ def train_round(
     """Train this site for one round; return the shared networks' update (flat) and metrics."""
     start = time.perf_counter()
     config = instruction.config()
+    if settings.max_epsilon is not None and not config.privacy.example_level:
+        raise BudgetSpentError(
+            f"this hospital trains only under example-level differential privacy (its cap is "
+            f"epsilon {settings.max_epsilon:g}); the coordinator's configuration has "
+            + ("privacy off" if not config.privacy.enabled else "privacy.level = 'site'")
+        )
     site = _load_site(settings, config)
     dataset = UnpairedSlices(
         site.domain_a,
@@ -309,7 +325,8 @@ def train_round(
         trainer.load_state_dict(state)
     if plan is not None:
         assert trainer.accountant is not None
-        check_budget(trainer.accountant, plan, config.privacy.budget_epsilon)
+        caps = [c for c in (config.privacy.budget_epsilon, settings.max_epsilon) if c is not None]
+        check_budget(trainer.accountant, plan, min(caps) if caps else None)
     _load_global(trainer, global_state, instruction.share)
     trainer.set_lr(instruction.lr)
     trainer.set_proximal(instruction.proximal_mu)
@@ -359,9 +376,7 @@ def train_round(
     seconds = time.perf_counter() - start
     # Under DP the training losses stay home: they are computed from the examples without noise,
     # so the guarantee would not cover them. Counts, timings and epsilon remain.
-    metrics = (
-        {} if config.privacy.enabled else {key: value / steps for key, value in sums.items()}
-    )
+    metrics = {} if config.privacy.enabled else {key: value / steps for key, value in sums.items()}
     metrics.update(
         {
             "num-examples": float(samples),

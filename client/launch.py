@@ -33,6 +33,7 @@ class ClientOptions:
     audit_log: Path | None = None
     fault: str | None = None
     runtime_port: int = 9094
+    max_epsilon: float | None = None
 
 
 def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]]:
@@ -68,6 +69,10 @@ def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]
         node_config["audit-log"] = str(Path(options.audit_log).resolve())
     if options.fault:
         node_config["fault"] = options.fault
+    if options.max_epsilon is not None:
+        if not options.max_epsilon > 0:
+            raise ValueError(f"--max-epsilon {options.max_epsilon}: must be positive")
+        node_config["max-epsilon"] = float(options.max_epsilon)
     command = [str(BIN / "flower-supernode"), "--superlink", options.superlink]
     if options.insecure:
         command.append("--insecure")

@@ -398,8 +398,9 @@ def check_budget(accountant: SiteAccountant, plan: NoisePlan, budget: float | No
     if budget is not None and projected > budget:
         raise BudgetSpentError(
             f"privacy budget spent: epsilon is {accountant.epsilon():.3f} and one more round "
-            f"({plan.steps_per_round} steps) would make it {projected:.3f}, above "
-            f"privacy.budget_epsilon = {budget:g} (delta {accountant.delta:g})"
+            f"({plan.steps_per_round} steps) would make it {projected:.3f}, above the cap of "
+            f"{budget:g} (privacy.budget_epsilon or the hospital's --max-epsilon; delta "
+            f"{accountant.delta:g})"
         )
     return projected
 

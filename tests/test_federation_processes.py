@@ -24,8 +24,12 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_ssh_private_key,
 )
+from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
+from common.accounting import RDP_ORDERS
+from common.data.datasets import UnpairedSlices
+from common.data.site import load_site
 from common.flower import free_port
 from server.certs import make_certificates
 from server.checkpoint import latest_round, round_dir
@@ -38,8 +42,25 @@ FEDSYNTH = str(Path(sys.executable).parent / "fedsynth")
 # Written here, not imported: the audit must not trust the code it audits.
 ALLOWED_TRAIN_METRICS = {
     "num-examples", "steps", "seconds", "samples-per-s", "lr", "loss_g", "loss_gan",
-    "loss_cycle", "loss_d_a", "loss_d_b", "loss_identity", "loss_proximal",
+    "loss_cycle", "loss_d_a", "loss_d_b", "loss_identity", "loss_proximal", "epsilon", "delta",
 }  # fmt: skip
+# Example-level DP in the simulation and the deployment: both must report epsilon per site.
+DP = ("privacy.enabled=true", "privacy.noise_multiplier=1.0", 'privacy.accountant="rdp"')
+
+
+def _expected_epsilon(site: Path, config_overrides: tuple[str, ...], rounds: int) -> float:
+    """Independent: Opacus' RDP functions on (sigma / sqrt(4 networks), batch / examples, steps)."""
+    config = tiny_config(*config_overrides)
+    data = load_site(site, config.data, seed=config.training.seed)
+    examples = len(UnpairedSlices(data.domain_a, data.domain_b))
+    q = config.training.batch_size / examples
+    steps = rounds * config.federation.local_epochs * max(1, int(1 / q))
+    sigma = float(config.privacy.noise_multiplier or 0) / 2
+    rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=config.privacy.delta)
+    return float(eps)
+
+
 ALLOWED_EVALUATE_METRICS = {
     "num-examples", "num-subjects", "seconds", "psnr", "ssim", "mae", "nmse",
     "psnr_masked", "ssim_masked", "mae_masked", "nmse_masked",
@@ -143,7 +164,7 @@ def _port_is_free(port: int) -> bool:
 
 def test_simulation_engine_three_sites_two_rounds(tmp_path: Path) -> None:
     sites = phantom_sites(tmp_path / "data", (3, 2, 1, 1))
-    config = tiny_config("federation.rounds=2", "federation.min_sites=4")
+    config = tiny_config("federation.rounds=2", "federation.min_sites=4", *DP)
     outcome = simulate(config, sites, tmp_path / "run", echo=lambda _: None)
     assert outcome.status == "finished:completed" and outcome.stopped is None
     rounds = _rounds(tmp_path / "run")
@@ -152,6 +173,10 @@ def test_simulation_engine_three_sites_two_rounds(tmp_path: Path) -> None:
         assert r["accepted"] == ["site-1", "site-2", "site-3", "site-4"]
         assert r["rejected"] == {}
         assert set(r["eval_metrics"]) == {"site-1", "site-2", "site-3", "site-4"}
+        for index, site in enumerate(sites, start=1):
+            expected = _expected_epsilon(site, DP, r["round"])
+            assert r["epsilon"][f"site-{index}"] == pytest.approx(expected, rel=1e-9)
+        assert r["worst_epsilon"] == max(r["epsilon"].values())
     assert latest_round(tmp_path / "run") == 2
     assert not (tmp_path / "run" / "superlink.pid").exists()  # the SuperLink was stopped
 
@@ -165,7 +190,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     root = tmp_path_factory.mktemp("deployment")
     sites = phantom_sites(root / "data", (3, 2, 1))
     certs = make_certificates(root / "certs", ["site-1", "site-2", "site-3", "intruder"])
-    config = _config_file(root / "consortium.toml", "federation.rounds=2", "federation.min_sites=3")
+    config = _config_file(
+        root / "consortium.toml", "federation.rounds=2", "federation.min_sites=3", *DP
+    )
     cluster = Cluster(root)
     registered = [f"--site={s}={certs.node_keys[s][1]}" for s in ("site-1", "site-2", "site-3")]
     try:
@@ -218,6 +245,14 @@ def test_deployment_with_tls_and_node_auth_runs_two_rounds(
     assert rounds[1]["bytes_down"] == dict.fromkeys(["site-1", "site-2", "site-3"], payload)
     assert "round 2/2" in cluster.log("server")
     assert not (run / "superlink.pid").exists()
+    # Example-level DP: each site's cumulative epsilon, each round, as Opacus recomputes it.
+    sites = sorted((root / "data").glob("site-*"))
+    for r in rounds:
+        for site in sites:
+            expected = _expected_epsilon(site, DP, r["round"])
+            assert r["epsilon"][site.name] == pytest.approx(expected, rel=1e-9)
+            assert r["train_metrics"][site.name]["epsilon"] == r["epsilon"][site.name]
+    assert "epsilon max" in cluster.log("server")
 
 
 def test_an_unregistered_node_key_is_refused(deployment: tuple[Path, Cluster]) -> None:

@@ -340,3 +340,29 @@ def test_site_level_noise_is_resumed_exactly() -> None:
         Aggregator(), noise_multiplier=0.0, clip_norm=1.0, mechanism="rdp", delta=1e-5
     )
     torch.testing.assert_close(exact.aggregate(base, updates)["w"], torch.full((50,), 0.01))
+
+
+def test_a_hospital_enforces_its_own_cap_whatever_the_coordinator_asks(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    """``fedsynth client --max-epsilon``: no DP, no training; with DP, never past the cap."""
+    examples = _examples(sites[0], _config(), tmp_path / "cache")
+    cap = _budget_between_rounds(examples, _config(), 1)
+    nodes = {
+        i: {"data-dir": str(site), "state-dir": str(tmp_path / f"state-{i}")}
+        for i, site in enumerate(sites, start=1)
+    }
+    nodes[1]["max-epsilon"] = str(cap)
+    names = {i: s.name for i, s in enumerate(sites, start=1)}
+
+    plain = tiny_config("federation.rounds=1", "federation.min_sites=2", "federation.local_steps=1")
+    summary = Coordinator(InProcessGrid(nodes, names=names), plain, tmp_path / "plain").run()[0]
+    assert summary.budget_spent == ["site-1"]
+    assert "trains only under example-level differential privacy" in summary.rejected["site-1"][0]
+
+    private = _config("federation.rounds=3", "federation.min_sites=2")  # no budget of its own
+    summaries = Coordinator(InProcessGrid(nodes, names=names), private, tmp_path / "dp").run()
+    assert "site-1" in summaries[0].accepted
+    assert summaries[1].budget_spent == summaries[2].budget_spent == ["site-1"]
+    assert summaries[2].epsilon["site-1"] <= cap
+    assert summaries[2].epsilon["site-2"] > summaries[0].epsilon["site-2"]  # others go on

@@ -61,6 +61,7 @@ def test_supernode_command_carries_only_site_settings(tmp_path: Path, make_site:
             device="cuda:1",
             root_certificates=ca,
             private_key=key,
+            max_epsilon=3.5,
         )
     )
     assert command[command.index("--superlink") + 1] == "fl.example.org:9092"
@@ -69,6 +70,7 @@ def test_supernode_command_carries_only_site_settings(tmp_path: Path, make_site:
     assert "--insecure" not in command
     node_config = command[command.index("--node-config") + 1]
     assert f'data-dir="{site.resolve()}"' in node_config and 'device="cuda:1"' in node_config
+    assert "max-epsilon=3.5" in node_config
     assert env["FLWR_HOME"] == str(tmp_path / "state" / "flwr")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
 
