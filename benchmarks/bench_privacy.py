@@ -69,6 +69,10 @@ def one_variant(overrides: list[str], steps: int) -> dict[str, float]:
         privacy=config.privacy,
     )
     if config.privacy.enabled:
+        if opacus_samplers:  # keep Opacus' own registry (unfold for Conv2d, functorch otherwise)
+            import client.privacy
+
+            client.privacy.install_grad_samplers = lambda: None  # type: ignore[assignment]
         trainer.make_private(
             plan_noise(
                 config.privacy,
@@ -80,12 +84,6 @@ def one_variant(overrides: list[str], steps: int) -> dict[str, float]:
                 rounds=1,
             )
         )
-        if opacus_samplers:
-            from opacus import GradSampleModule
-            from opacus.grad_sample.conv import compute_conv_grad_sample
-
-            GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv2d] = compute_conv_grad_sample
-            GradSampleModule.GRAD_SAMPLERS.pop(torch.nn.ConvTranspose2d, None)
     generator = torch.Generator().manual_seed(0)
     batches = [
         {

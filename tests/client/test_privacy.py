@@ -348,3 +348,36 @@ def test_patient_epsilon_is_the_group_bound_and_grows_with_the_group() -> None:
     q5 = 1 - 0.98**5
     assert group == pytest.approx(_opacus_rdp_epsilon(1.0 / 5, q5, 50, 1e-5), rel=1e-9)
     assert group > single
+
+
+def test_fedprox_term_is_added_to_the_private_gradient_after_the_noise() -> None:
+    """Under DP the data-free proximal gradient mu (w - w_round) joins the noisy gradient."""
+    mu = 0.7
+    grads = []
+    for proximal in (0.0, mu):
+        private = _private(_privacy(noise_multiplier=0.5))
+        private.set_proximal(proximal)
+        with torch.no_grad():  # move G_AB away from the round's weights, the same way each time
+            for p in _target(private.nets["g_ab"]).parameters():
+                p.add_(0.01)
+        optimizer = private.optimizers["g_ab"]
+        assert isinstance(optimizer, DPOptimizer)
+        seen: list[torch.Tensor] = []
+        inner_step = optimizer.original_optimizer.step
+
+        def record(
+            *args: object,
+            _seen: list[torch.Tensor] = seen,
+            _optimizer: DPOptimizer = optimizer,
+            _step: Callable[..., object] = inner_step,
+            **kwargs: object,
+        ) -> object:
+            _seen.extend(p.grad.detach().clone() for p in _optimizer.params)
+            return _step(*args, **kwargs)
+
+        optimizer.original_optimizer.step = record  # type: ignore[method-assign]
+        torch.manual_seed(3)
+        private.train_step(_examples(BATCH))
+        grads.append(seen)
+    for plain, proximal in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(proximal - plain, torch.full_like(plain, mu * 0.01))
