@@ -4,6 +4,8 @@ Each message is handled by :mod:`client.federated`. A site that cannot take part
 direction, unusable scans, a broken instruction) replies with a Flower error whose reason names no
 path or subject; the full story goes to the site's own log. Unexpected exceptions are answered the
 same way rather than left to crash the app process, so the coordinator can log the site by name.
+A site whose privacy budget (the consortium's or its own ``--max-epsilon``) would be passed replies
+with ``SITE_BUDGET`` so the coordinator can tell a spent budget from a failure.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ class CycleGANTrainer:
 
     def generators(self) -> dict[str, nn.Module]:
         """The networks a federation shares (G_AB and G_BA)."""
-        return {"g_ab": self.nets["g_ab"], "g_ba": self.nets["g_ba"]}
+        # Unwrapped: a DP run's checkpoint must load into a plain generator.
+        return {"g_ab": _target(self.nets["g_ab"]), "g_ba": _target(self.nets["g_ba"])}
 
     @property
     def lr(self) -> float:

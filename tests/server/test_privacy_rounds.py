@@ -22,6 +22,7 @@ from common.config import RunConfig
 from common.data.datasets import UnpairedSlices
 from common.data.site import load_site
 from common.federation import ARRAYS, METRICS
+from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
 from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
 from simulations.inprocess import InProcessGrid, phantom_sites, tiny_config
@@ -200,6 +201,7 @@ def test_a_private_local_run_logs_epsilon_per_epoch_and_resumes_its_accountant(
     assert meta["privacy"]["epsilon"] == pytest.approx(lines[-1]["epsilon"])
     assert meta["privacy"]["steps"] == 3 * per_epoch
     assert meta["privacy"]["patient_epsilon"] >= meta["privacy"]["epsilon"]
+    Synthesizer(run.checkpoint, device="cpu")  # a DP checkpoint loads into a plain generator
 
     # Two epochs, then a resumed third: the same epsilon as the uninterrupted run.
     train_local(
