@@ -269,23 +269,8 @@ def conv2d_grad_sample(
     n = x.shape[0]
     if layer.groups != 1 or n == 0 or isinstance(layer.padding, str):
         return compute_conv_grad_sample(layer, activations, backprops)
-    out: dict[Any, torch.Tensor] = {}
-    if layer.weight.requires_grad:
-        kh, kw = layer.kernel_size
-        grads = F.conv2d(
-            x.transpose(0, 1),  # (C_in, N, H, W): C_in plays the batch, N the channels
-            backprops.reshape(n * layer.out_channels, 1, *backprops.shape[2:]),
-            stride=layer.dilation,
-            padding=layer.padding,
-            dilation=layer.stride,
-            groups=n,
-        )[:, :, :kh, :kw]
-        out[layer.weight] = grads.reshape(layer.in_channels, n, layer.out_channels, kh, kw).permute(
-            1, 2, 0, 3, 4
-        )
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.sum(dim=(2, 3))
-    return out
+    # (C_in, N, H, W) correlated with (N * C_out, 1, H', W'): C_in plays the batch.
+    return _grouped_grad_sample(layer, x.transpose(0, 1), backprops, backprops)
 
 
 def conv_transpose2d_grad_sample(
@@ -299,18 +284,36 @@ def conv_transpose2d_grad_sample(
     n = x.shape[0]
     if layer.groups != 1 or n == 0:
         return ft_compute_per_sample_gradient(layer, activations, backprops)
+    # (C_out, N, H', W') correlated with (N * C_in, 1, H, W): C_out plays the batch.
+    return _grouped_grad_sample(layer, backprops.transpose(0, 1), x, backprops)
+
+
+def _grouped_grad_sample(
+    layer: nn.Conv2d | nn.ConvTranspose2d,
+    inputs: torch.Tensor,
+    kernels: torch.Tensor,
+    backprops: torch.Tensor,
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample weight (and bias) gradients as one convolution with ``groups = N``.
+
+    ``inputs`` is (C, N, H, W) with the batch on the channel axis; ``kernels`` is (N, K, h, w),
+    one kernel per example and channel. The layer's stride becomes the dilation and vice versa.
+    Conv2d's weight is (C_out, C_in, kh, kw) and ConvTranspose2d's (C_in, C_out, kh, kw): in both
+    cases ``(K, C)`` is the weight's leading pair.
+    """
+    n = kernels.shape[0]
     out: dict[Any, torch.Tensor] = {}
     if layer.weight.requires_grad:
         kh, kw = layer.kernel_size
         grads = F.conv2d(
-            backprops.transpose(0, 1),  # (C_out, N, H', W')
-            x.reshape(n * layer.in_channels, 1, *x.shape[2:]),
+            inputs,
+            kernels.reshape(n * kernels.shape[1], 1, *kernels.shape[2:]),
             stride=layer.dilation,
             padding=layer.padding,
             dilation=layer.stride,
             groups=n,
         )[:, :, :kh, :kw]
-        out[layer.weight] = grads.reshape(layer.out_channels, n, layer.in_channels, kh, kw).permute(
+        out[layer.weight] = grads.reshape(inputs.shape[0], n, kernels.shape[1], kh, kw).permute(
             1, 2, 0, 3, 4
         )
     if layer.bias is not None and layer.bias.requires_grad:
