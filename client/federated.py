@@ -41,6 +41,7 @@ from client.trainer import CycleGANTrainer
 from common.config import RunConfig
 from common.data.datasets import UnpairedSlices
 from common.data.errors import BadScansError, EmptySiteError, MissingModalityError
+from common.data.misalign import SEVERITIES as MISALIGNMENT_LEVELS
 from common.data.site import SiteData, load_site
 from common.evaluation import evaluate_pairs, site_pairs
 from common.federation import (
@@ -79,6 +80,9 @@ class SiteSettings:
         partition_id: simulation only, the index of this site in the run's site list.
         max_epsilon: the hospital's own privacy cap (``--max-epsilon``): it trains only under
             example-level DP and never past this epsilon, whatever the coordinator's config says.
+        misalignment: simulation only, this simulated site's misalignment of domain B (run
+            config ``site-misalignment``, one level per site), in place of the coordinator's.
+        threads: simulation only, torch threads for this site (its Ray CPU share).
     """
 
     data_dir: Path
@@ -88,6 +92,8 @@ class SiteSettings:
     fault: str | None = None
     partition_id: int | None = None
     max_epsilon: float | None = None
+    misalignment: str | None = None
+    threads: int | None = None
 
     @classmethod
     def from_configs(
@@ -116,6 +122,14 @@ class SiteSettings:
         if fault is not None and fault not in FAULTS:
             raise SiteError(f"node config fault={fault!r}: expected one of {', '.join(FAULTS)}")
         cache = text("cache-dir") or text("cache-dir", run_config)
+        misalignment = threads = None
+        if partition is not None and text("site-misalignment", run_config):
+            levels = str(run_config["site-misalignment"]).split(",")
+            misalignment = levels[int(partition)] if int(partition) < len(levels) else None
+            if misalignment not in (None, *MISALIGNMENT_LEVELS):
+                raise SiteError(f"site-misalignment {misalignment!r}: not a misalignment level")
+        if partition is not None and int(run_config.get("cpus-per-site") or 0) > 0:
+            threads = int(run_config["cpus-per-site"])
         cap = text("max-epsilon")
         try:
             max_epsilon = float(cap) if cap is not None else None
@@ -129,6 +143,8 @@ class SiteSettings:
             fault=fault,
             partition_id=int(partition) if partition is not None else None,
             max_epsilon=max_epsilon,
+            misalignment=misalignment,
+            threads=threads,
         )
 
 
@@ -285,11 +301,13 @@ def train_round(
             f"epsilon {settings.max_epsilon:g}); the coordinator's configuration has "
             + ("privacy off" if not config.privacy.enabled else "privacy.level = 'site'")
         )
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     site = _load_site(settings, config)
     dataset = UnpairedSlices(
         site.domain_a,
         site.domain_b,
-        misalignment=config.data.misalignment,
+        misalignment=settings.misalignment or config.data.misalignment,
         seed=config.training.seed,
     )
     trainer = _trainer(settings, config)

@@ -90,8 +90,13 @@ def train_local(
     resume: bool = False,
     progress: bool = False,
     evaluate: bool = True,
+    site_misalignment: Sequence[str] | None = None,
 ) -> LocalRun:
-    """Train on one site or on several pooled; write everything into ``config.run_dir``."""
+    """Train on one site or on several pooled; write everything into ``config.run_dir``.
+
+    ``site_misalignment`` (simulation): one misalignment level per site, in place of
+    ``config.data.misalignment`` (pooled sites that are misaligned differently).
+    """
     if not site_dirs:
         raise ValueError("train-local needs at least one --site")
     run_dir = config.run_dir
@@ -101,8 +106,15 @@ def train_local(
     sites = load_sites(site_dirs, config, cache_dir)
     domain_a = [v for s in sites for v in s.domain_a]
     domain_b = [v for s in sites for v in s.domain_b]
+    misalignment: str | list[str] = config.data.misalignment
+    if site_misalignment is not None:
+        if len(site_misalignment) != len(sites):
+            raise ValueError(f"{len(site_misalignment)} misalignment levels for {len(sites)} sites")
+        misalignment = [
+            m for s, m in zip(sites, site_misalignment, strict=True) for _ in s.domain_b
+        ]
     dataset = UnpairedSlices(
-        domain_a, domain_b, misalignment=config.data.misalignment, seed=config.training.seed
+        domain_a, domain_b, misalignment=misalignment, seed=config.training.seed
     )
     logger.info(
         "%s: %d A slices, %d B slices from %d site(s)",

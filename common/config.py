@@ -285,26 +285,105 @@ class FederationConfig(_Section):
         return max(0.0, 1.0 - (round_number - start) / (decay + 1))
 
 
+SplitScheme = Literal["auto", "counts", "ratios", "dirichlet", "power", "natural"]
+Baseline = Literal["local", "pooled"]
+
+
+def _all_baselines() -> list[Baseline]:
+    return ["local", "pooled"]
+
+
 class SimulationConfig(_Section):
-    """Simulated consortium on one machine (phantom or real sites)."""
+    """A simulated consortium on one machine: how the pool is split, and the experiment run on it.
+
+    The pool is the phantom (``num_sites`` scanners) unless ``fedsynth simulate --site`` names
+    real site folders. Per-site settings take one value for every site or a list of
+    ``num_sites`` values (see :mod:`simulations.partition`).
+    """
 
     num_sites: int = Field(4, ge=1, le=1000)
-    subjects: list[int] = Field(default_factory=lambda: [12, 6, 3, 1])
+    partition: SplitScheme = Field(
+        "auto",
+        description="How subjects are dealt to sites: 'counts' (subjects), 'ratios', 'dirichlet' "
+        "(alpha), 'power' (power_exponent), 'natural' (each real site as it is); 'auto' is "
+        "'counts' on the phantom and 'natural' on real sites.",
+    )
+    subjects: list[int] = Field(
+        default_factory=lambda: [12, 6, 3, 1], description="Training subjects per site ('counts')."
+    )
+    total_subjects: int | None = Field(
+        None, ge=1, description="Pool size for ratios/dirichlet/power (default: sum(subjects))."
+    )
+    ratios: list[float] | None = Field(None, description="Site shares for 'ratios'.")
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (small: unequal).")
+    power_exponent: float = Field(1.0, ge=0.0, description="Site k gets a share ~ k^-exponent.")
+    min_subjects: int = Field(1, ge=1, description="Fewest training subjects a site may get.")
+    holdout_subjects: int = Field(
+        1, ge=0, description="Paired test subjects per site, never trained on."
+    )
+    unpaired_fraction: float | list[float] = Field(
+        0.5, description="Per site: share of training subjects that bring only one modality."
+    )
+    misalignment: Misalignment | list[Misalignment] | None = Field(
+        None, description="Per site misalignment of domain B (default: data.misalignment)."
+    )
+    missing_domain: list[Literal["", "A", "B"]] | None = Field(
+        None, description="Per site: a domain the site lacks entirely (it then cannot train)."
+    )
+    scanners: Literal["per-site", "shared"] = Field(
+        "per-site", description="Phantom: every site its own scanner, or all sites site-1's."
+    )
     phantom_voxel_mm: float = Field(1.0, gt=0.0, le=8.0)
     seed: int = 0
-    cpus_per_site: float = Field(1.0, gt=0.0)
-    gpus_per_site: float = Field(0.0, ge=0.0, le=1.0)
-    ray_address: str | None = None
+    baselines: list[Baseline] = Field(
+        default_factory=_all_baselines,
+        description="Baselines trained on the same split with the same compute.",
+    )
+    samples: bool = Field(True, description="Save a sample slice per site for the report.")
+    cpus_per_site: int = Field(1, ge=1, description="Ray: CPU cores reserved per site.")
+    gpus_per_site: float = Field(
+        0.0, ge=0.0, le=1.0, description="Ray: GPU share per site (0.25: four sites per GPU)."
+    )
+    ray_address: str | None = Field(
+        None, description="Attach to this Ray cluster (e.g. 'auto' or 'ray://host:10001')."
+    )
+    grid: dict[str, dict[str, list[str]]] = Field(
+        default_factory=dict,
+        description="Experiment grid: axis -> {cell label -> config overrides}; every "
+        "combination of one label per axis is run (`fedsynth simulate --grid`).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if len(self.subjects) != self.num_sites:
+        if self.partition in ("auto", "counts") and len(self.subjects) != self.num_sites:
             raise ValueError(
                 f"subjects lists {len(self.subjects)} sites but num_sites is {self.num_sites}"
             )
         if any(n < 1 for n in self.subjects):
             raise ValueError(f"every site needs at least one subject, found {self.subjects}")
+        for name in ("unpaired_fraction", "misalignment", "missing_domain", "ratios"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.num_sites:
+                raise ValueError(
+                    f"{name} lists {len(value)} sites but num_sites is {self.num_sites}"
+                )
+        fractions = self.unpaired_fraction
+        for fraction in fractions if isinstance(fractions, list) else [fractions]:
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"unpaired_fraction must be in [0, 1], found {fraction}")
+        if self.partition == "ratios" and self.ratios is None:
+            raise ValueError("partition = 'ratios' needs simulation.ratios")
+        for axis, cells in self.grid.items():
+            if not cells:
+                raise ValueError(f"grid axis {axis!r} has no cells")
         return self
+
+    def site_values(self, name: str, default: Any) -> list[Any]:
+        """A per-site setting as one value per site."""
+        value = getattr(self, name)
+        if value is None:
+            return [default] * self.num_sites
+        return list(value) if isinstance(value, list) else [value] * self.num_sites
 
 
 class RunConfig(_Section):

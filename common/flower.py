@@ -92,6 +92,8 @@ def write_app_dir(folder: Path, version: str = "0.1.0") -> Path:
                         "site-dirs": "",
                         "state-root": "",
                         "cache-dir": "",
+                        "site-misalignment": "",
+                        "cpus-per-site": 0,
                     },
                 }
             }
@@ -167,8 +169,13 @@ def start_superlink(
     simulation: bool = False,
     database: Path | None = None,
     timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> Process:
-    """Start ``flower-superlink`` and wait until it listens. ``tls=None`` means ``--insecure``."""
+    """Start ``flower-superlink`` and wait until it listens. ``tls=None`` means ``--insecure``.
+
+    ``env``: extra environment (e.g. ``RAY_ADDRESS``, which the simulation's ``ray.init``
+    reads to attach to an existing Ray cluster).
+    """
     command = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port)]
     command += ["--disable-runtime-dependency-installation"]
     if tls is None:
@@ -182,7 +189,7 @@ def start_superlink(
         command.append("--simulation")
     if database is not None:
         command += ["--database", str(database)]
-    process = start("superlink", command, flower_env(flwr_home), log_path)
+    process = start("superlink", command, flower_env(flwr_home, env), log_path)
     try:
         wait_for_port(
             "127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout, process.popen
@@ -291,12 +298,25 @@ def submit_run(
     flwr_home: Path,
     run_config: Mapping[str, str | int | float | bool],
     num_supernodes: int | None = None,
+    cpus_per_node: int | None = None,
+    gpus_per_node: float | None = None,
 ) -> int:
-    """``flwr run``: submit the fedsynth app with a run config; return the Flower run ID."""
+    """``flwr run``: submit the fedsynth app with a run config; return the Flower run ID.
+
+    Simulation only: ``num_supernodes`` (always pass it: Flower's default is 2), and the Ray
+    resources each simulated node reserves (Flower's default is 2 CPUs and no GPU).
+    """
     args = ["run", str(app_dir), connection, "--format", "json"]
     args += ["--run-config", node_config_text(run_config)]
+    federation = []
     if num_supernodes is not None:
-        args += ["--federation-config", f"num-supernodes={num_supernodes}"]
+        federation.append(f"num-supernodes={num_supernodes}")
+    if cpus_per_node is not None:
+        federation.append(f"client-resources-num-cpus={int(cpus_per_node)}")
+    if gpus_per_node is not None:
+        federation.append(f"client-resources-num-gpus={float(gpus_per_node)}")
+    if federation:
+        args += ["--federation-config", " ".join(federation)]
     out = flwr(args, flwr_home)
     data = json.loads(out)
     if not data.get("success", False):

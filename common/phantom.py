@@ -1131,6 +1131,7 @@ def generate_consortium(
     lesions: bool = True,
     progress: Callable[[str], None] | None = None,
     overwrite: bool = False,
+    shared_scanner: bool = False,
 ) -> list[Path]:
     """Write one BIDS folder per simulated hospital and return their paths.
 
@@ -1152,6 +1153,8 @@ def generate_consortium(
         lesions: Whether subjects get 1-3 ellipsoidal lesions.
         progress: Called with a short message after every subject.
         overwrite: Replace existing phantom sites in ``out_dir`` (anything else is never deleted).
+        shared_scanner: Scan every site with site 1's scanner: no scanner effects between sites
+            (the subjects still differ), the control for a heterogeneity experiment.
 
     Returns:
         ``[out_dir/site-1, ..., out_dir/site-N]``.
@@ -1168,7 +1171,7 @@ def generate_consortium(
     for site in range(1, sites + 1):
         site_dir = out_dir / f"site-{site}"
         _prepare_site_dir(site_dir, overwrite)
-        scanner = draw_site_scanner(seed, site, float(voxel_size))
+        scanner = draw_site_scanner(seed, 1 if shared_scanner else site, float(voxel_size))
         tissues = tissue_table(scanner.field_strength_t)
         site_grid = _grid_with_voxel(base.grid, scanner.voxel_size_mm)
         bias = _bias_field(scanner, site_grid) if any(m.is_mr for m in chosen) else None

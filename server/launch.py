@@ -57,6 +57,11 @@ class ServeOptions:
         resume: continue the run in ``run_dir`` after its last complete round.
         timeout_s: give up on the whole run after this long (default: rounds x (round timeout x 2)).
         site_dirs / state_root / num_supernodes: simulation only.
+        cache_dir: simulation only, the sites' preprocessed-slice cache (default: run/cache).
+        site_misalignment: simulation only, one misalignment level per site.
+        cpus_per_site / gpus_per_site: simulation only, Ray resources per simulated site (a
+            GPU share below 1 lets several sites share a GPU).
+        ray_address: simulation only, attach to this Ray cluster instead of starting one.
     """
 
     run_dir: Path
@@ -71,6 +76,11 @@ class ServeOptions:
     site_dirs: Sequence[Path] = ()
     state_root: Path | None = None
     num_supernodes: int | None = None
+    cache_dir: Path | None = None
+    site_misalignment: Sequence[str] = ()
+    cpus_per_site: int | None = None
+    gpus_per_site: float | None = None
+    ray_address: str | None = None
 
 
 @dataclass
@@ -118,6 +128,7 @@ class Superlink:
             node_auth=not opts.insecure and not opts.simulation,
             simulation=opts.simulation,
             database=None if opts.simulation else self.run_dir / "superlink.db",
+            env={"RAY_ADDRESS": opts.ray_address} if opts.ray_address else None,
         )
         # Operators (and the crash tests) find the SuperLink's process group here.
         (self.run_dir / "superlink.pid").write_text(f"{self.process.popen.pid}\n", encoding="utf-8")
@@ -200,15 +211,26 @@ def run_federation(
     }
     if options.simulation:
         run_config["site-dirs"] = ",".join(str(Path(s).resolve()) for s in options.site_dirs)
-        run_config["cache-dir"] = str((run_dir / "cache").resolve())
+        cache = Path(options.cache_dir) if options.cache_dir is not None else run_dir / "cache"
+        run_config["cache-dir"] = str(cache.resolve())
         if options.state_root is not None:
             run_config["state-root"] = str(Path(options.state_root).resolve())
+        if options.site_misalignment:
+            run_config["site-misalignment"] = ",".join(options.site_misalignment)
+        if options.cpus_per_site is not None:
+            run_config["cpus-per-site"] = options.cpus_per_site
     with _terminate_as_interrupt(), Superlink(options) as link:
         if options.sites:
             link.register(options.sites)
         app_dir = write_app_dir(run_dir / "app", __version__)
         run_id = submit_run(
-            app_dir, CONNECTION, link.flwr_home, run_config, num_supernodes=options.num_supernodes
+            app_dir,
+            CONNECTION,
+            link.flwr_home,
+            run_config,
+            num_supernodes=options.num_supernodes,
+            cpus_per_node=options.cpus_per_site,
+            gpus_per_node=options.gpus_per_site,
         )
         echo(f"run {run_id} submitted; following {run_dir / 'coordinator.log'}")
         log = run_dir / "coordinator.log"

@@ -22,7 +22,7 @@ from common.cli import (
     synthesize_command,
 )
 from server.cli import certs_command, server_command
-from simulations.federated import simulate_command
+from simulations.run import simulate_command
 
 app = typer.Typer(
     name="fedsynth",

@@ -1,4 +1,5 @@
-"""``fedsynth simulate``: a whole federation on one machine with Flower's simulation engine.
+"""A whole federation on one machine with Flower's simulation engine (``fedsynth simulate``'s
+federated phase, see :mod:`simulations.run`).
 
 The same ServerApp and ClientApp as a deployment run, on a loopback SuperLink in simulation mode
 (Ray underneath); simulated site ``i`` reads ``--site`` number ``i``. The number of simulated
@@ -7,19 +8,12 @@ nodes is always passed explicitly (Flower's default of 2 would make a 3-site run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
 
-import typer
-from rich.console import Console
-
-from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.config import RunConfig
-from common.flower import FlowerError, free_port
+from common.flower import free_port
 from server.launch import RunOutcome, ServeOptions, run_federation
-
-console = Console(soft_wrap=True)
 
 
 def simulate(
@@ -30,8 +24,14 @@ def simulate(
     resume: bool = False,
     state_root: Path | None = None,
     echo: Callable[[str], None] = print,
+    cache_dir: Path | None = None,
+    site_misalignment: Sequence[str] = (),
 ) -> RunOutcome:
-    """Run a federation of ``sites`` in simulation; return how the Flower run ended."""
+    """Run a federation of ``sites`` in simulation; return how the Flower run ended.
+
+    Ray resources per site and the Ray cluster to attach to come from ``config.simulation``;
+    ``site_misalignment`` gives each site its own misalignment of domain B.
+    """
     if len(sites) < config.federation.min_sites:
         raise ValueError(
             f"{len(sites)} site(s) given, federation.min_sites is {config.federation.min_sites}"
@@ -48,34 +48,10 @@ def simulate(
         site_dirs=sites,
         state_root=state_root,
         num_supernodes=len(sites),
+        cache_dir=cache_dir,
+        site_misalignment=site_misalignment,
+        cpus_per_site=config.simulation.cpus_per_site,
+        gpus_per_site=config.simulation.gpus_per_site,
+        ray_address=config.simulation.ray_address,
     )
     return run_federation(config, options, echo=echo)
-
-
-def simulate_command(
-    site: Annotated[list[Path], typer.Option("--site", help="A site folder (repeat per site).")],
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run folder (created).")],
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run in --run-dir after its last complete round.")
-    ] = False,
-    state_root: Annotated[
-        Path | None,
-        typer.Option(help="Keep each site's own state on disk here (default: in memory)."),
-    ] = None,
-    config: ConfigOption = None,
-    preset: PresetOption = None,
-    overrides: SetOption = None,
-) -> None:
-    """Simulate a federation of the given sites on this machine (Flower simulation engine)."""
-    run = resolve_config(config, preset, overrides)
-    try:
-        outcome = simulate(
-            run, site, run_dir, resume=resume, state_root=state_root, echo=console.print
-        )
-    except (FlowerError, ValueError, FileNotFoundError) as exc:
-        fail(exc)
-    if outcome.stopped:
-        fail(f"the run stopped: {outcome.stopped}")
-    if outcome.status != "finished:completed":
-        fail(f"Flower run {outcome.run_id} ended as {outcome.status}; see {run_dir}/superlink.log")
-    console.print(f"done: {run_dir / 'rounds'}")

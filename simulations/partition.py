@@ -196,7 +196,9 @@ def availability(
     ``round(unpaired_fraction * n)`` of the subjects that have both modalities keep only one,
     alternately A and B from a seeded start (so the two sides stay balanced); with fraction 1 no
     subject brings both. ``missing`` (``"A"`` and/or ``"B"``) removes a domain from every
-    subject of the site. A subject that has only one modality keeps just that one.
+    subject of the site. A subject that has only one modality keeps just that one. Unpairing
+    never empties a domain: a site whose only subject has both modalities keeps it paired (the
+    loader then draws both sides from it, see :func:`common.data.site.assign_domains`).
     """
     if not 0.0 <= unpaired_fraction <= 1.0:
         raise ValueError(f"unpaired_fraction must be in [0, 1], found {unpaired_fraction}")
@@ -212,11 +214,21 @@ def availability(
         codes[s.label] = has
     both = [s.label for s in subjects if codes[s.label] == BOTH]
     rng = np.random.default_rng([seed, 14])
-    split = math.floor(unpaired_fraction * len(both) + 0.5)
-    chosen = [both[int(i)] for i in rng.permutation(len(both))[:split]]
+    order = [both[int(i)] for i in rng.permutation(len(both))]
     first = int(rng.integers(2))
-    for k, label in enumerate(sorted(chosen)):
-        codes[label] = (ONLY_A, ONLY_B)[(k + first) % 2]
+    split = math.floor(unpaired_fraction * len(both) + 0.5)
+    while True:
+        unpaired = dict(codes)
+        for k, label in enumerate(sorted(order[:split])):
+            unpaired[label] = (ONLY_A, ONLY_B)[(k + first) % 2]
+        kept = all(
+            any(d in c for c in unpaired.values()) or not any(d in c for c in codes.values())
+            for d in (ONLY_A, ONLY_B)
+        )
+        if kept or split == 0:  # unpairing never takes a domain away from the site
+            break
+        split -= 1
+    codes = unpaired
     for domain in missing:
         codes = {label: code.replace(domain, "") for label, code in codes.items()}
     return codes

@@ -30,7 +30,8 @@ def local_model(site: str) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN (an empty mask) and inf (a perfect PSNR) must survive the round trip through JSON.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class SiteSplit(_Model):
@@ -83,7 +84,7 @@ class ModelResult(_Model):
 
     name: str  # UNTRAINED, FEDERATED, POOLED or local_model(site)
     per_site: dict[str, dict[str, float]] = Field(default_factory=dict)
-    mean: dict[str, float] = Field(default_factory=dict)
+    mean: dict[str, float] = Field(default_factory=dict)  # test-slice-weighted over sites
     train_seconds: float = 0.0
     epochs: int = 0  # local epochs (per site for federated: rounds x local epochs)
     steps: int = 0
@@ -91,9 +92,14 @@ class ModelResult(_Model):
     skipped: str | None = None  # why the model was not trained (e.g. a site without domain B)
 
 
+def sample_key(model: str) -> str:
+    """The ``.npz`` key of a model's synthesis (``local:site-1`` -> ``local_site-1``)."""
+    return model.replace(":", "_")
+
+
 class SampleSlices(_Model):
     """A sample slice per site for the figure grid: ``.npz`` with ``source``, ``target``,
-    ``mask`` and one ``<model>`` array per model (all model-scale, [-1, 1], (H, W))."""
+    ``mask`` and one :func:`sample_key` array per model (model scale, [-1, 1], (H, W))."""
 
     site: str
     path: str  # relative to the experiment folder
@@ -113,7 +119,9 @@ class ExperimentResults(_Model):
     models: list[ModelResult] = Field(default_factory=list)
     rounds: list[RoundPoint] = Field(default_factory=list)
     samples: list[SampleSlices] = Field(default_factory=list)
-    privacy: dict[str, Any] = Field(default_factory=dict)  # enabled, level, delta, target
+    # enabled, level, delta, target_epsilon, noise_multiplier, budget_epsilon, max_grad_norm,
+    # worst_epsilon (the last round's worst site)
+    privacy: dict[str, Any] = Field(default_factory=dict)
     timing: dict[str, float] = Field(default_factory=dict)  # phase -> seconds
     machine: str = ""
     headline: dict[str, float] = Field(default_factory=dict)

@@ -32,7 +32,8 @@ class UnpairedSlices(Dataset[dict[str, torch.Tensor]]):
     Args:
         domain_a: volumes feeding the source domain.
         domain_b: volumes feeding the target domain.
-        misalignment: severity name applied to B (see :mod:`common.data.misalign`).
+        misalignment: severity name applied to B (see :mod:`common.data.misalign`), or one
+            name per B volume (pooled sites that are misaligned differently).
         seed: base seed for B's pairing and misalignment draws.
 
     Items are ``{"a", "b", "a_mask", "b_mask"}``, each (1, H, W) float32.
@@ -43,12 +44,21 @@ class UnpairedSlices(Dataset[dict[str, torch.Tensor]]):
         domain_a: Sequence[Volume],
         domain_b: Sequence[Volume],
         *,
-        misalignment: str = "none",
+        misalignment: str | Sequence[str] = "none",
         seed: int = 0,
     ):
         self.a, self.a_masks = _stack(domain_a)
         self.b, self.b_masks = _stack(domain_b)
-        self.misalignment = misalignment
+        if isinstance(misalignment, str):
+            self._severity = [misalignment] * len(self.b)
+        else:
+            if len(misalignment) != len(domain_b):
+                raise ValueError(
+                    f"{len(misalignment)} misalignment levels for {len(domain_b)} B volumes"
+                )
+            self._severity = [
+                m for m, v in zip(misalignment, domain_b, strict=True) for _ in v.stack.slices
+            ]
         self.seed = seed
         self.set_epoch(0)
 
@@ -66,9 +76,10 @@ class UnpairedSlices(Dataset[dict[str, torch.Tensor]]):
         a_index = index % len(self.a)
         b_index = int(self._b_index[index])
         b, b_mask = self.b[b_index], self.b_masks[b_index]
-        if self.misalignment != "none":
+        severity = self._severity[b_index]
+        if severity != "none":
             rng = np.random.default_rng([self.seed, self.epoch, 1, index])
-            draw = draw_affine(self.misalignment, b.shape[-1], rng)
+            draw = draw_affine(severity, b.shape[-1], rng)
             b = apply_affine(b, draw)
             b_mask = apply_affine(b_mask.astype(np.float32), draw, background=0.0) > 0.5
         return {

@@ -1,0 +1,223 @@
+"""The experiment runner: same compute for the baselines, grids, folders that are never mixed,
+per-site settings reaching the sites, and one whole phantom experiment end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.federated import SiteSettings
+from common.data.datasets import UnpairedSlices
+from common.data.site import load_site
+from common.metrics import to_unit
+from simulations.inprocess import tiny_config
+from simulations.run import (
+    ExperimentError,
+    Phases,
+    _mean,
+    baseline_config,
+    grid_cells,
+    make_split,
+    prepare_folder,
+)
+
+
+def test_baselines_get_the_federations_compute() -> None:
+    config = tiny_config(
+        "federation.rounds=6", "federation.local_epochs=2", "training.epochs=10",
+        "training.decay_epochs=5",
+    )  # fmt: skip
+    local = baseline_config(config, "local-site-1", Path("/tmp/x"), slices=40)
+    assert local.training.epochs == 12  # 6 rounds x 2 local epochs
+    assert local.training.decay_epochs == 3 * 2  # decay over round(6 * 5 / 10) = 3 rounds
+    assert local.run_dir == Path("/tmp/x/local-site-1")
+    stepped = tiny_config(
+        "federation.rounds=4", "federation.local_steps=5", "training.batch_size=4"
+    )
+    # 4 rounds x 5 steps = 20 steps; 40 examples in batches of 4 = 10 steps an epoch -> 2 epochs.
+    assert baseline_config(stepped, "p", Path("/tmp"), slices=40).training.epochs == 2
+
+
+def test_site_level_dp_baselines_train_without_noise() -> None:
+    config = tiny_config("privacy.enabled=true", "privacy.level=site", "privacy.noise_multiplier=1")
+    assert not baseline_config(config, "pooled", Path("/tmp"), slices=8).privacy.enabled
+    example = tiny_config("privacy.enabled=true", "privacy.noise_multiplier=1")
+    assert baseline_config(example, "pooled", Path("/tmp"), slices=8).privacy.enabled
+
+
+def test_grid_cells_are_every_combination() -> None:
+    cells = grid_cells(
+        {
+            "privacy": {"off": [], "eps8": ["privacy.enabled=true", "privacy.target_epsilon=8"]},
+            "strategy": {
+                "fedavg": ["federation.strategy=fedavg"],
+                "fedprox": ["federation.strategy=fedprox"],
+            },
+        }
+    )  # fmt: skip
+    assert [label for label, _, _ in cells] == [
+        "privacy=off,strategy=fedavg",
+        "privacy=off,strategy=fedprox",
+        "privacy=eps8,strategy=fedavg",
+        "privacy=eps8,strategy=fedprox",
+    ]
+    assert cells[3][1] == [
+        "privacy.enabled=true", "privacy.target_epsilon=8", "federation.strategy=fedprox",
+    ]  # fmt: skip
+    assert cells[3][2] == {"privacy": "eps8", "strategy": "fedprox"}
+    with pytest.raises(ExperimentError, match="grid is empty"):
+        grid_cells({})
+
+
+def test_an_experiment_folder_is_never_mixed_or_wrongly_deleted(tmp_path: Path) -> None:
+    folder = tmp_path / "exp"
+    prepare_folder(folder, resume=False, overwrite=False)
+    Phases.open(folder).mark("split", 1.5)
+    assert Phases.open(folder).done == {"split": 1.5}
+    with pytest.raises(ExperimentError, match="--resume"):
+        prepare_folder(folder, resume=False, overwrite=False)
+    prepare_folder(folder, resume=True, overwrite=False)
+    assert Phases.open(folder).finished("split")
+    prepare_folder(folder, resume=False, overwrite=True)
+    assert not (folder / "phases.json").exists()
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "scan.nii.gz").write_bytes(b"x")
+    with pytest.raises(ExperimentError, match="refusing to delete"):
+        prepare_folder(other, resume=False, overwrite=True)
+    assert (other / "scan.nii.gz").exists()
+
+
+def test_mean_over_sites_is_weighted_by_test_slices() -> None:
+    per_site = {"a": {"psnr": 20.0, "ssim": math.nan}, "b": {"psnr": 10.0, "ssim": 0.5}}
+    mean = _mean(per_site, {"a": 3, "b": 1})
+    assert mean["psnr"] == pytest.approx((20 * 3 + 10 * 1) / 4)
+    assert mean["ssim"] == pytest.approx(0.5)  # NaN left out
+
+
+def test_per_site_misalignment_reaches_each_slice(make_site, tmp_path: Path) -> None:
+    from common.config import DataConfig
+
+    data = DataConfig(spacing_mm=(4.0, 4.0, 4.0), image_size=16, min_foreground=0.05)
+    site = load_site(make_site("s", shape=(24, 26, 20)), data, cache_dir=tmp_path / "c")
+    volumes = [*site.domain_b, *site.domain_b]
+    mixed = UnpairedSlices(site.domain_a, volumes, misalignment=["none", "severe"], seed=1)
+    plain = UnpairedSlices(site.domain_a, volumes, misalignment="none", seed=1)
+    first = len(site.domain_b[0].stack)
+    moved = [not torch.equal(mixed[i]["b"], plain[i]["b"]) for i in range(len(mixed))]
+    b_index = [int(mixed._b_index[i]) for i in range(len(mixed))]
+    for changed, index in zip(moved, b_index, strict=True):
+        if index < first:
+            assert not changed  # slices of the aligned volume are never moved
+    assert any(moved)
+    with pytest.raises(ValueError, match="2 misalignment levels for 1 B volumes"):
+        UnpairedSlices(site.domain_a, site.domain_b, misalignment=["none", "slight"])
+
+
+def test_a_simulated_site_reads_its_own_misalignment_and_threads() -> None:
+    run_config = {
+        "site-dirs": "/a/site-1,/a/site-2",
+        "site-misalignment": "none,severe",
+        "cpus-per-site": 1,
+    }
+    site = SiteSettings.from_configs({"partition-id": 1}, run_config)
+    assert site.misalignment == "severe" and site.threads == 1
+    assert SiteSettings.from_configs({"partition-id": 0}, run_config).misalignment == "none"
+
+
+def test_phantom_split_is_reproducible(tmp_path: Path) -> None:
+    config = tiny_config(
+        "simulation.num_sites=3", "simulation.subjects=[3, 2, 1]", "simulation.phantom_voxel_mm=4",
+        "simulation.unpaired_fraction=1.0", "simulation.misalignment=['none', 'slight', 'severe']",
+        "simulation.missing_domain=['', '', 'B']",
+    )  # fmt: skip
+    plan = make_split(config, tmp_path / "e", [], echo=lambda _: None)
+    sizes = [len(s.train) for s in plan.sites]
+    assert sizes == [3, 2, 1]  # the training counts; the test subjects are extra
+    assert [len(s.test) for s in plan.sites] == [1, 1, 1]
+    assert [s.misalignment for s in plan.sites] == ["none", "slight", "severe"]
+    assert plan.sites[2].excluded is not None and plan.sites[0].excluded is None
+    assert plan.sites[0].scanner["field_strength_t"] != plan.sites[1].scanner["field_strength_t"]
+    again = make_split(config, tmp_path / "e", [], echo=lambda _: None)  # pool reused
+    assert [[t.label for t in s.test] for s in again.sites] == [
+        [t.label for t in s.test] for s in plan.sites
+    ]
+    shared = make_split(
+        tiny_config(
+            "simulation.num_sites=2",
+            "simulation.subjects=[1, 1]",
+            "simulation.phantom_voxel_mm=4",
+            "simulation.scanners=shared",
+        ),
+        tmp_path / "f",
+        [],
+        echo=lambda _: None,
+    )
+    assert shared.sites[0].scanner == shared.sites[1].scanner
+
+
+@pytest.mark.slow
+def test_simulate_end_to_end(tmp_path: Path) -> None:
+    """``fedsynth simulate`` on three tiny phantom hospitals: every phase, the report, resume."""
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+    from simulations.results import ExperimentResults
+
+    folder = tmp_path / "exp"
+    args = [
+        "simulate", "--run-dir", str(folder), "--preset", "cpu-small",
+        "--set", "data.spacing_mm=[6, 6, 6]", "--set", "data.image_size=32",
+        "--set", "model.ngf=8", "--set", "model.n_blocks=1", "--set", "model.ndf=8",
+        "--set", "model.d_layers=1", "--set", "federation.rounds=2",
+        "--set", "simulation.num_sites=3", "--set", "simulation.subjects=[3, 2, 1]",
+        "--set", "simulation.phantom_voxel_mm=4",
+        "--set", "simulation.misalignment=['none', 'slight', 'none']",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output
+    results = ExperimentResults.read(folder)
+    names = [m.name for m in results.models]
+    assert names[:2] == ["untrained", "federated"]
+    assert {"pooled", "local:site-1", "local:site-2", "local:site-3"} <= set(names)
+    assert [p.round for p in results.rounds] == [0, 1, 2]
+    assert results.rounds[0].mean == results.model("untrained").mean  # type: ignore[union-attr]
+    # Same compute: the local baselines ran rounds x local epochs.
+    assert results.model("local:site-1").epochs == 2  # type: ignore[union-attr]
+    # The federated model's score is an independent recomputation from its checkpoint.
+    federated = results.model("federated")
+    assert federated is not None and federated.checkpoint is not None
+    sample = np.load(folder / results.samples[0].path)
+    target, mask = to_unit(sample["target"]), sample["mask"]
+    assert mask.any() and sample["federated"].shape == target.shape
+    report = (folder / "report.md").read_text()
+    assert "site-3" in report and "federated" in report
+    record = json.loads((folder / "phases.json").read_text())
+    assert {"split", "federated", "pooled", "local:site-1", "evaluate"} <= set(record["done"])
+    # Resume: every phase is skipped, the results stay.
+    again = CliRunner().invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "skipped" in again.output
+    assert ExperimentResults.read(folder).model("federated").mean == federated.mean  # type: ignore[union-attr]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and "--resume" in refused.output
+
+
+def test_results_keep_nan_and_inf_through_json(tmp_path: Path) -> None:
+    from simulations.results import ExperimentResults, ModelResult, SplitSummary
+
+    results = ExperimentResults(
+        name="x",
+        direction="T1w->T2w",
+        split=SplitSummary(scheme="counts", sites=[]),
+        models=[ModelResult(name="federated", mean={"psnr": math.inf, "lesion_psnr": math.nan})],
+    )
+    back = ExperimentResults.read(results.write(tmp_path))
+    mean = back.models[0].mean
+    assert mean["psnr"] == math.inf and math.isnan(mean["lesion_psnr"])
