@@ -221,3 +221,57 @@ def test_results_keep_nan_and_inf_through_json(tmp_path: Path) -> None:
     back = ExperimentResults.read(results.write(tmp_path))
     mean = back.models[0].mean
     assert mean["psnr"] == math.inf and math.isnan(mean["lesion_psnr"])
+
+
+def test_grid_runs_every_cell_survives_a_failure_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulations.run as run_module
+    from simulations.results import ExperimentResults, ModelResult, SplitSummary
+
+    calls: list[tuple[str, str, float | None]] = []
+
+    def fake_experiment(config, *, folder, variant, **_: object) -> ExperimentResults:  # type: ignore[no-untyped-def]
+        calls.append((folder.name, config.federation.strategy, config.privacy.target_epsilon))
+        if variant == {"privacy": "eps4", "strategy": "fedprox"}:
+            raise RuntimeError("this cell breaks")
+        folder.mkdir(parents=True, exist_ok=True)
+        psnr = 20.0 + (config.privacy.target_epsilon or 10.0)
+        results = ExperimentResults(
+            name=config.name,
+            direction=config.data.direction,
+            variant=dict(variant),
+            split=SplitSummary(scheme="counts", sites=[]),
+            models=[ModelResult(name="federated", mean={"psnr_masked": psnr})],
+        )
+        results.write(folder)
+        return results
+
+    monkeypatch.setattr(run_module, "run_experiment", fake_experiment)
+    config = tmp_path / "grid.toml"
+    config.write_text(
+        """
+[simulation.grid.privacy]
+off = []
+eps4 = ["privacy.enabled=true", "privacy.target_epsilon=4"]
+[simulation.grid.strategy]
+fedavg = ["federation.strategy=fedavg"]
+fedprox = ["federation.strategy=fedprox"]
+"""
+    )
+    report = run_module.run_grid(
+        config, "cpu-small", [], folder=tmp_path / "grid", echo=lambda _: None
+    )
+    assert [c[1:] for c in calls] == [
+        ("fedavg", None), ("fedprox", None), ("fedavg", 4.0), ("fedprox", 4.0),
+    ]  # fmt: skip
+    text = report.read_text()
+    for label in ("privacy=off,strategy=fedavg", "privacy=eps4,strategy=fedprox"):
+        assert label in text
+    assert "not run / failed" in text  # the broken cell is listed, the others survived
+    # Resume: finished cells are skipped, the failed one is tried again.
+    calls.clear()
+    run_module.run_grid(
+        config, "cpu-small", [], folder=tmp_path / "grid", resume=True, echo=lambda _: None
+    )
+    assert [c[1:] for c in calls] == [("fedprox", 4.0)]
