@@ -11,7 +11,8 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 .PHONY: demo test lint typecheck pytest clean help
 
 help:
-	@echo "make demo   set up .venv, build a phantom consortium, inspect it, simulate 2 federated rounds"
+	@echo "make demo   set up .venv, then the default simulated experiment (phantom consortium,"
+	@echo "            federation, baselines, report in $(DEMO_DIR)/report.md)"
 	@echo "make test   set up .venv, then lint, type-check and run the whole test suite"
 
 # torch first, pinned: here 2.13.0 is a local CPU build; on a hospital GPU box the same pin takes
@@ -24,14 +25,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/fedsynth phantom $(DEMO_DIR)/data --sites 4 --subjects 12,6,3,1 --seed 0 --voxel-mm 2 --overwrite
-	for site in $(DEMO_DIR)/data/site-*; do \
-		$(BIN)/fedsynth inspect $$site --preset cpu-small --direction 'T1w->T2w' || exit 1; \
-	done
-	rm -rf $(DEMO_DIR)/federation $(DEMO_DIR)/federation-sites
-	$(BIN)/fedsynth simulate --preset cpu-small --set federation.rounds=2 \
-		--run-dir $(DEMO_DIR)/federation --state-root $(DEMO_DIR)/federation-sites \
-		$(foreach site,1 2 3 4,--site $(DEMO_DIR)/data/site-$(site))
+	$(BIN)/fedsynth simulate --run-dir $(DEMO_DIR) --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

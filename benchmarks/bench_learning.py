@@ -2,9 +2,9 @@
 
 Run from the project root, for example (the figures in BENCHMARKS.md):
 
-    .venv/bin/fedsynth phantom runs/demo/data --sites 4 --subjects 12,6,3,1 --voxel-mm 2
-    .venv/bin/python -m benchmarks.bench_learning --tag E --site runs/demo/data/site-1 \\
-        --eval runs/demo/data/site-1 --eval runs/demo/data/site-3 \\
+    .venv/bin/fedsynth phantom runs/phantom --sites 4 --subjects 12,6,3,1 --voxel-mm 2
+    .venv/bin/python -m benchmarks.bench_learning --tag E --site runs/phantom/site-1 \\
+        --eval runs/phantom/site-1 --eval runs/phantom/site-3 \\
         --set training.lr=5e-4 --set training.lambda_identity=0 \\
         --set training.epochs=10 --set training.decay_epochs=5
 

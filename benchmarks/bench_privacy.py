@@ -3,8 +3,8 @@
 Run from the project root (quiet machine, nothing else running):
 
     .venv/bin/python -m benchmarks.bench_privacy step [--steps 12] [--repeats 3]
-    .venv/bin/python -m benchmarks.bench_privacy utility --site runs/demo/data/site-1 \\
-        --eval runs/demo/data/site-1 --eval runs/demo/data/site-3 [--epsilon 16 8 4]
+    .venv/bin/python -m benchmarks.bench_privacy utility --site runs/phantom/site-1 \\
+        --eval runs/phantom/site-1 --eval runs/phantom/site-3 [--epsilon 16 8 4]
 
 ``step`` runs each variant (no DP; DP with our grouped-convolution per-sample gradients; DP with
 Opacus' own samplers; DP in functorch mode; DP with R; DP with physical batches of 2) in its own

@@ -180,6 +180,21 @@ def _per_site(config: RunConfig, name: str, default: Any, sites: int) -> list[An
     return list(value) if isinstance(value, list) else [default if value is None else value] * sites
 
 
+def _sizes(config: RunConfig, scheme: str, total: int) -> list[int]:
+    sim = config.simulation
+    return site_sizes(
+        scheme,
+        total,
+        sim.num_sites,
+        counts=sim.subjects,
+        ratios=sim.ratios,
+        alpha=sim.alpha,
+        exponent=sim.power_exponent,
+        min_size=sim.min_subjects,
+        seed=sim.seed,
+    )
+
+
 def make_split(
     config: RunConfig,
     folder: Path,
@@ -201,18 +216,7 @@ def make_split(
         if scheme == "natural":
             groups = natural(pool)
         else:
-            total = min(sim.total_subjects or len(pool), len(pool))
-            sizes = site_sizes(
-                scheme,
-                total,
-                sim.num_sites,
-                counts=sim.subjects,
-                ratios=sim.ratios,
-                alpha=sim.alpha,
-                exponent=sim.power_exponent,
-                min_size=sim.min_subjects,
-                seed=sim.seed,
-            )
+            sizes = _sizes(config, scheme, min(sim.total_subjects or len(pool), len(pool)))
             groups = assign(pool, sizes, seed=sim.seed)
             parameters["sizes"] = sizes
         pool_name = ", ".join(Path(p).name for p in pool_sites)
@@ -222,18 +226,7 @@ def make_split(
                 "simulation.partition = 'natural' needs real sites (--site); the phantom has "
                 "no natural split: use 'counts', 'ratios', 'dirichlet' or 'power'"
             )
-        total = sim.total_subjects or sum(sim.subjects)
-        sizes = site_sizes(
-            scheme,
-            total,
-            sim.num_sites,
-            counts=sim.subjects,
-            ratios=sim.ratios,
-            alpha=sim.alpha,
-            exponent=sim.power_exponent,
-            min_size=sim.min_subjects,
-            seed=sim.seed,
-        )
+        sizes = _sizes(config, scheme, sim.total_subjects or sum(sim.subjects))
         parameters["sizes"] = sizes
         # Each site's test subjects are extra phantom subjects of the same scanner.
         counts = [n + sim.holdout_subjects for n in sizes]
@@ -274,13 +267,9 @@ def make_split(
                 }
             )
         pool_name = "phantom"
-    for key in ("ratios", "alpha", "power_exponent"):
-        if (scheme, key) in (
-            ("ratios", "ratios"),
-            ("dirichlet", "alpha"),
-            ("power", "power_exponent"),
-        ):
-            parameters[key] = getattr(sim, key)
+    knob = {"ratios": "ratios", "dirichlet": "alpha", "power": "power_exponent"}.get(scheme)
+    if knob is not None:
+        parameters[knob] = getattr(sim, knob)
     n = len(groups)
     plan = plan_split(
         groups,
