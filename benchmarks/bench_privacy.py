@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 VARIANTS = {
@@ -134,9 +135,23 @@ def bench_utility(site: Path, evals: list[Path], epsilons: list[float], extra: l
     from client.local import train_local
     from common.config import load_config
     from common.evaluation import evaluate_pairs, site_pairs
+    from common.models import define_cyclegan
     from common.synthesis import Synthesizer
 
     rows = []
+    base = load_config(preset="cpu-small", overrides=list(extra), environ={})
+    untrained = define_cyclegan(base.model, base.data.image_size, seed=base.training.seed)["g_ab"]
+
+    @torch.no_grad()
+    def translate_untrained(slices: np.ndarray) -> np.ndarray:
+        return untrained.eval()(torch.from_numpy(slices)[:, None])[:, 0].numpy()
+
+    scores0 = {}
+    for eval_site in evals:
+        name, pairs = site_pairs(eval_site, base.data)
+        mean = evaluate_pairs(name, base.data.direction, pairs, translate_untrained).mean
+        scores0[name] = (mean["psnr_masked"], mean["ssim_masked"])
+    print(json.dumps({"epsilon": "untrained", "scores": scores0}), flush=True)
     for epsilon in [None, *epsilons]:
         tag = "inf" if epsilon is None else f"{epsilon:g}"
         privacy = (
@@ -161,11 +176,16 @@ def bench_utility(site: Path, evals: list[Path], epsilons: list[float], extra: l
             scores[name] = (mean["psnr_masked"], mean["ssim_masked"])
         spent = meta.get("privacy") or {}
         rows.append((tag, spent, scores, seconds, int(run.history[-1]["step"])))
-        print(json.dumps({"epsilon": tag, "privacy": spent, "scores": scores, "s": seconds}))
+        print(
+            json.dumps({"epsilon": tag, "privacy": spent, "scores": scores, "s": seconds}),
+            flush=True,
+        )
     names = list(rows[0][2])
     print("| target epsilon | reached (delta 1e-5) | sigma per network | patient-level epsilon | "
           + " | ".join(f"{n} PSNR / SSIM" for n in names) + " | steps | time |")  # fmt: skip
     print("|---" * (6 + len(names)) + "|")
+    cells0 = " | ".join(f"{scores0[n][0]:.2f} dB / {scores0[n][1]:.3f}" for n in names)
+    print(f"| untrained generator | - | - | - | {cells0} | 0 | - |")
     for tag, spent, scores, seconds, steps in rows:
         reached = f"{spent['epsilon']:.2f}" if spent else "-"
         sigma = f"{spent['noise_multiplier']:.2f}" if spent else "-"
