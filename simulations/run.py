@@ -561,7 +561,11 @@ def run_experiment(
             f"federation.min_sites is {config.federation.min_sites}"
         )
     misalignment = [s.misalignment for s in plan.sites]
-    fed_config = config
+    # The sites' own per-round evaluation (on their training subjects) is replaced by the
+    # evaluation of every round's model on the held-out subjects below.
+    fed_config = config.model_copy(
+        update={"federation": config.federation.model_copy(update={"evaluate_sites": False})}
+    )
     if config.data.misalignment == "none" and any(m != "none" for m in misalignment):
         # Registration (training.registration = "auto") follows the data's misalignment; the
         # most severe site decides, so every site trains the same networks.
