@@ -569,7 +569,7 @@ def run_experiment(
     if config.data.misalignment == "none" and any(m != "none" for m in misalignment):
         # Registration (training.registration = "auto") follows the data's misalignment; the
         # most severe site decides, so every site trains the same networks.
-        fed_config = config.model_copy(
+        fed_config = fed_config.model_copy(
             update={
                 "data": config.data.model_copy(update={"misalignment": _most_severe(misalignment)})
             }

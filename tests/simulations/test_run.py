@@ -198,6 +198,9 @@ def test_simulate_end_to_end(tmp_path: Path) -> None:
     assert mask.any() and sample["federated"].shape == target.shape
     report = (folder / "report.md").read_text()
     assert "site-3" in report and "federated" in report
+    federation = (folder / "federated" / "config.resolved.toml").read_text()
+    assert "evaluate_sites = false" in federation  # the held-out evaluation replaces it
+    assert 'misalignment = "slight"' in federation  # the most severe site decides R
     record = json.loads((folder / "phases.json").read_text())
     assert {"split", "federated", "pooled", "local:site-1", "evaluate"} <= set(record["done"])
     # Resume: every phase is skipped, the results stay.
