@@ -607,6 +607,7 @@ def run_experiment(
                         ),
                         resume=True,
                         evaluate=False,
+                        progress=True,
                         site_misalignment=[site.misalignment],
                     )
     if "pooled" in config.simulation.baselines:
@@ -624,6 +625,7 @@ def run_experiment(
                     ),
                     resume=True,
                     evaluate=False,
+                    progress=True,
                     site_misalignment=[s.misalignment for s in trainable],
                 )
 

@@ -25,6 +25,7 @@ from simulations.run import (
     make_split,
     prepare_folder,
 )
+from tests.conftest import SiteMaker
 
 
 def test_baselines_get_the_federations_compute() -> None:
@@ -100,7 +101,7 @@ def test_mean_over_sites_is_weighted_by_test_slices() -> None:
     assert mean["ssim"] == pytest.approx(0.5)  # NaN left out
 
 
-def test_per_site_misalignment_reaches_each_slice(make_site, tmp_path: Path) -> None:
+def test_per_site_misalignment_reaches_each_slice(make_site: SiteMaker, tmp_path: Path) -> None:
     from common.config import DataConfig
 
     data = DataConfig(spacing_mm=(4.0, 4.0, 4.0), image_size=16, min_foreground=0.05)
@@ -278,3 +279,42 @@ fedprox = ["federation.strategy=fedprox"]
         config, "cpu-small", [], folder=tmp_path / "grid", resume=True, echo=lambda _: None
     )
     assert [c[1:] for c in calls] == [("fedprox", 4.0)]
+
+
+def test_ray_resources_and_cluster_reach_flower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpus/gpus per site go into `flwr run --federation-config`; a Ray address into the
+    SuperLink's environment (the simulation's ray.init reads RAY_ADDRESS)."""
+    import common.flower as flower
+    import server.launch as launch
+
+    seen: dict[str, object] = {}
+
+    def fake_flwr(args: list[str], flwr_home: Path, timeout: float = 120.0) -> str:
+        seen["args"] = args
+        return json.dumps({"success": True, "run-id": 7})
+
+    monkeypatch.setattr(flower, "flwr", fake_flwr)
+    run_id = flower.submit_run(
+        tmp_path, "fedsynth", tmp_path, {"a": 1}, num_supernodes=50, cpus_per_node=2,
+        gpus_per_node=0.25,
+    )  # fmt: skip
+    args = seen["args"]
+    assert run_id == 7 and isinstance(args, list)
+    federation = args[args.index("--federation-config") + 1]
+    assert federation.split() == [
+        "num-supernodes=50", "client-resources-num-cpus=2", "client-resources-num-gpus=0.25",
+    ]  # fmt: skip
+
+    def fake_start(**kwargs: object) -> object:
+        seen["env"] = kwargs.get("env")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(launch, "start_superlink", fake_start)
+    options = launch.ServeOptions(
+        run_dir=tmp_path, insecure=True, simulation=True, ray_address="ray://head:10001"
+    )
+    with pytest.raises(RuntimeError, match="stop here"), launch.Superlink(options):
+        pass
+    assert seen["env"] == {"RAY_ADDRESS": "ray://head:10001"}
