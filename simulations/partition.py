@@ -14,7 +14,8 @@ Everything random is a function of the seed: the same pool, scheme and seed give
 The rule for a site that lacks a domain: it cannot train a CycleGAN (one side would be empty),
 so the split marks it ``excluded``; in a federated run it answers every round with "missing
 modality" and the coordinator leaves it out, exactly as a real hospital without T2w would be; it
-gets no local-only baseline; the pooled baseline still uses the domain it has.
+gets no local-only baseline, and the pooled baseline leaves it out too (the site loader needs
+both domains at every site it reads).
 """
 
 from __future__ import annotations
