@@ -8,13 +8,23 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+READABLE = 0o644  # reports and figures others may read (the umask still applies)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
 
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
 
     A crash or an exception inside the block leaves ``target`` as it was (or absent) and removes
-    the temporary file, so readers never see half a file.
+    the temporary file, so readers never see half a file. The file is private to its owner
+    (0600, as ``mkstemp`` makes it: right for states and keys) unless ``mode`` is given, e.g.
+    :data:`READABLE` for a report; the process umask is applied to ``mode``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -29,23 +39,25 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
+        if mode is not None:
+            tmp.chmod(mode & ~_umask())
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
+def atomic_write_bytes(target: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, mode) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(target: Path, text: str) -> None:
+def atomic_write_text(target: Path, text: str, mode: int | None = None) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
-    atomic_write_bytes(target, text.encode("utf-8"))
+    atomic_write_bytes(target, text.encode("utf-8"), mode)
 
 
-def atomic_save(target: Path, save: Callable[[Path], None]) -> None:
+def atomic_save(target: Path, save: Callable[[Path], None], mode: int | None = None) -> None:
     """Call ``save(tmp_path)`` and move the result onto ``target`` atomically."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, mode) as tmp:
         save(tmp)

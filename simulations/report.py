@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
-from common.io import atomic_save, atomic_write_text
+from common.io import READABLE, atomic_save, atomic_write_text
 from simulations.results import (
     FEDERATED,
     LOCAL_PREFIX,
@@ -121,7 +121,7 @@ def write_report(folder: Path, results: ExperimentResults | None = None) -> Path
     lines += _FOOTNOTE
     figures.remove_stale()
     path = folder / REPORT_NAME
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", READABLE)
     logger.info("report written: %s (%d figures)", path, len(figures.written))
     return path
 
@@ -167,7 +167,7 @@ def write_grid_report(folder: Path, cells: Sequence[tuple[str, Path]]) -> Path:
     lines += _FOOTNOTE
     figures.remove_stale()
     path = folder / REPORT_NAME
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", READABLE)
     logger.info("grid report written: %s (%d cells, %d present)", path, len(loaded), len(present))
     return path
 
@@ -693,7 +693,7 @@ class _FigureWriter:
     def save(self, fig: Figure, name: str) -> str:
         """Write ``fig`` as ``name`` (PNG, atomically); return its path relative to the report."""
         path = self.directory / name
-        atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+        atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), READABLE)
         fig.clear()
         self.written.append(name)
         return f"{FIGURES_DIR}/{name}"

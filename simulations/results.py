@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.io import atomic_write_text
+from common.io import READABLE, atomic_write_text
 
 RESULTS_NAME = "results.json"
 
@@ -131,7 +131,7 @@ class ExperimentResults(_Model):
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / RESULTS_NAME
-        atomic_write_text(path, self.model_dump_json(indent=2))
+        atomic_write_text(path, self.model_dump_json(indent=2), READABLE)
         return path
 
     @classmethod

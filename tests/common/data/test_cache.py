@@ -322,3 +322,22 @@ def test_atomic_write_bytes_replaces_the_content(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"two, longer")
     assert target.read_bytes() == b"two, longer"
     assert _entries(tmp_path) == ["a.nii.gz"]
+
+
+def test_atomic_files_are_private_unless_a_mode_is_asked_for(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from common.io import READABLE
+
+    atomic_write_bytes(tmp_path / "state.pt", b"weights")
+    assert stat.S_IMODE((tmp_path / "state.pt").stat().st_mode) == 0o600
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "report.md", b"# report", READABLE)
+        assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644
+        os.umask(0o077)  # a stricter umask still wins
+        atomic_write_bytes(tmp_path / "figure.png", b"png", READABLE)
+        assert stat.S_IMODE((tmp_path / "figure.png").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
