@@ -350,6 +350,7 @@ def run_federated(
     *,
     resume: bool,
     state_root: Path | None,
+    cache: Path,
     echo: Callable[[str], None],
 ) -> Path:
     run_dir = folder / "federated"
@@ -363,7 +364,7 @@ def run_federated(
         resume=resume and done is not None,
         state_root=state_root,
         echo=echo,
-        cache_dir=folder / "cache",
+        cache_dir=cache,
         site_misalignment=list(misalignment),
     )
     if outcome.stopped:
@@ -512,6 +513,7 @@ def run_experiment(
     overwrite: bool = False,
     state_root: Path | None = None,
     pool_dir: Path | None = None,
+    cache_dir: Path | None = None,
     variant: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> ExperimentResults:
@@ -525,13 +527,14 @@ def run_experiment(
         overwrite: delete an earlier experiment in ``folder`` first.
         state_root: keep each simulated site's state on disk here (default: in Flower's memory).
         pool_dir: where the phantom pool lives (a grid shares one between its cells).
+        cache_dir: the preprocessed-slice cache (content-keyed, so a grid's cells share one).
         variant: a grid cell's settings, shown in the report.
     """
     folder = Path(folder or config.run_dir)
     prepare_folder(folder, resume=resume, overwrite=overwrite)
     phases = Phases.open(folder)
     write_resolved_config(config, folder)
-    cache = folder / "cache"
+    cache = Path(cache_dir) if cache_dir is not None else folder / "cache"
     start = time.perf_counter()
 
     with _phase(phases, "split", echo, "pool and split") as run:
@@ -584,6 +587,7 @@ def run_experiment(
                 misalignment,
                 resume=resume,
                 state_root=state_root,
+                cache=cache,
                 echo=echo,
             )
 
@@ -797,6 +801,7 @@ def run_grid(
                 pool_sites=pool_sites,
                 resume=resume,
                 pool_dir=folder / "pool",
+                cache_dir=folder / "cache",
                 variant=settings,
                 echo=echo,
             )
