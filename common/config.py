@@ -378,13 +378,6 @@ class SimulationConfig(_Section):
                 raise ValueError(f"grid axis {axis!r} has no cells")
         return self
 
-    def site_values(self, name: str, default: Any) -> list[Any]:
-        """A per-site setting as one value per site."""
-        value = getattr(self, name)
-        if value is None:
-            return [default] * self.num_sites
-        return list(value) if isinstance(value, list) else [value] * self.num_sites
-
 
 class RunConfig(_Section):
     """Everything a run needs; written beside its outputs as ``config.resolved.toml``."""

@@ -357,10 +357,7 @@ def _curves_section(results: ExperimentResults, figures: _FigureWriter) -> list[
                     label=model.name,
                 )
         ax.set_title(_METRIC_TITLES[key], fontsize=9)
-        ax.set_xlabel("round", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _round_axis(ax)
     _figure_legend(fig, axes)
     lines.append(f"![Federated model per round]({figures.save(fig, 'curves.png')})")
     lines.append("")
@@ -454,11 +451,8 @@ def _privacy_section(results: ExperimentResults, figures: _FigureWriter) -> list
         )
     if budget is not None and math.isfinite(budget):
         ax.axhline(budget, linestyle="--", color="black", linewidth=1, label="budget")
-    ax.set_xlabel("round", fontsize=8)
     ax.set_ylabel("cumulative ε", fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
+    _round_axis(ax)
     _figure_legend(fig, axes)
     lines.append(f"![Cumulative epsilon per site]({figures.save(fig, 'epsilon.png')})")
     lines.append("")
@@ -707,6 +701,14 @@ class _FigureWriter:
             if ours and path.name not in self.written:
                 logger.debug("removing stale figure %s", path)
                 path.unlink()
+
+
+def _round_axis(ax: Axes) -> None:
+    """A per-round plot's x axis: whole rounds, small ticks, a light grid."""
+    ax.set_xlabel("round", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _new_figure(width: float, height: float, ncols: int) -> tuple[Figure, list[Axes]]:

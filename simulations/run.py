@@ -44,6 +44,7 @@ from common.data.errors import ScanError
 from common.data.site import load_site
 from common.evaluation import EvaluationReport, evaluate_pairs, site_pairs
 from common.flower import FlowerError
+from common.io import atomic_write_text
 from common.modalities import Direction
 from common.models import define_cyclegan
 from common.phantom import draw_site_scanner, generate_consortium
@@ -111,13 +112,7 @@ class Phases:
     def mark(self, name: str, seconds: float) -> None:
         self.done[name] = seconds
         record = {"made_by": MADE_BY, "done": self.done}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
-
-    def forget(self, *names: str) -> None:
-        for name in names:
-            self.done.pop(name, None)
+        atomic_write_text(self.path, json.dumps(record, indent=2) + "\n")
 
 
 @contextmanager
@@ -157,27 +152,6 @@ def prepare_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
 
 def _most_severe(levels: Sequence[str]) -> str:
     return max(levels, key=SEVERITY_ORDER.index)
-
-
-def site_misalignment(config: RunConfig, sites: int) -> list[str]:
-    sim = config.simulation
-    if sim.misalignment is None:
-        return [config.data.misalignment] * sites
-    if isinstance(sim.misalignment, list):
-        if len(sim.misalignment) != sites:
-            raise ExperimentError(
-                f"simulation.misalignment lists {len(sim.misalignment)} sites, "
-                f"the split has {sites}"
-            )
-        return list(sim.misalignment)
-    return [sim.misalignment] * sites
-
-
-def _per_site(config: RunConfig, name: str, default: Any, sites: int) -> list[Any]:
-    value = getattr(config.simulation, name)
-    if isinstance(value, list) and len(value) != sites:
-        raise ExperimentError(f"simulation.{name} lists {len(value)} sites, the split has {sites}")
-    return list(value) if isinstance(value, list) else [default if value is None else value] * sites
 
 
 def _sizes(config: RunConfig, scheme: str, total: int) -> list[int]:
@@ -270,7 +244,6 @@ def make_split(
     knob = {"ratios": "ratios", "dirichlet": "alpha", "power": "power_exponent"}.get(scheme)
     if knob is not None:
         parameters[knob] = getattr(sim, knob)
-    n = len(groups)
     plan = plan_split(
         groups,
         direction,
@@ -279,9 +252,9 @@ def make_split(
         seed=sim.seed,
         pool=pool_name,
         holdout=sim.holdout_subjects,
-        unpaired_fraction=_per_site(config, "unpaired_fraction", 0.0, n),
-        misalignment=site_misalignment(config, n),
-        missing=_per_site(config, "missing_domain", "", n),
+        unpaired_fraction=sim.unpaired_fraction,
+        misalignment=config.data.misalignment if sim.misalignment is None else sim.misalignment,
+        missing=sim.missing_domain,
         scanners=scanners,
     )
     return plan
@@ -290,22 +263,16 @@ def make_split(
 def count_slices(
     config: RunConfig, folders: Mapping[str, tuple[Path, Path | None]], cache: Path
 ) -> dict[str, dict[str, int]]:
-    """Model-scale slices per site and domain (the preprocessing is cached for the runs)."""
+    """Model-scale training slices per site and domain (the preprocessing is cached for the
+    runs); a site that cannot load (it lacks a domain) counts zero."""
     counts: dict[str, dict[str, int]] = {}
-    for name, (train_dir, test_dir) in folders.items():
-        entry = {"a": 0, "b": 0, "test": 0}
+    for name, (train_dir, _) in folders.items():
+        counts[name] = {"a": 0, "b": 0}
         try:
             site = load_site(train_dir, config.data, cache_dir=cache, seed=config.training.seed)
-            entry["a"], entry["b"] = site.slices_a, site.slices_b
+            counts[name] = {"a": site.slices_a, "b": site.slices_b}
         except (ScanError, ValueError) as exc:
             logger.info("%s: %s", name, exc)
-        if test_dir is not None:
-            try:
-                _, pairs = site_pairs(test_dir, config.data, cache)
-                entry["test"] = sum(len(p) for _, p in pairs)
-            except (ScanError, ValueError) as exc:
-                logger.info("%s test set: %s", name, exc)
-        counts[name] = entry
     return counts
 
 
@@ -549,7 +516,10 @@ def run_experiment(
         for s in plan.sites
     }
     slices = count_slices(config, folders, cache)
-    summary = plan.summary(slices)
+    tests = TestSets(config, folders, cache)
+    summary = plan.summary(
+        {name: {**counts, "test": tests.slices.get(name, 0)} for name, counts in slices.items()}
+    )
     for line in _split_lines(summary.sites):
         echo(line)
     trainable = [s for s in plan.sites if s.excluded is None]
@@ -635,7 +605,6 @@ def run_experiment(
 
     echo("[evaluate] every model on every site's held-out test subjects")
     evaluate_start = time.perf_counter()
-    tests = TestSets(config, folders, cache)
     untrained_translate = _untrained(config)
     per_site, mean = tests.evaluate(untrained_translate)
     models.insert(0, ModelResult(name=UNTRAINED, per_site=per_site, mean=mean))
