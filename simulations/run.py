@@ -279,14 +279,17 @@ def count_slices(
 # ----------------------------------------------------------------------------- training
 
 
-def baseline_config(config: RunConfig, name: str, folder: Path, slices: int | None) -> RunConfig:
-    """A local or pooled run with the federation's compute: ``rounds x local_epochs`` epochs
-    (or as many epochs as ``rounds x local_steps`` steps take on ``slices`` examples) and the
-    same learning-rate decay, in ``folder/name``."""
+def baseline_config(
+    config: RunConfig, name: str, folder: Path, slices: int | None, sites: int = 1
+) -> RunConfig:
+    """A local or pooled run with the federation's compute, in ``folder/name``: ``rounds x
+    local_epochs`` epochs over its data, or, when rounds are counted in steps, as many epochs as
+    ``rounds x local_steps x sites`` steps take on ``slices`` examples (a pooled model trains on
+    ``sites`` sites' data, so it gets all of their steps); the same learning-rate decay."""
     fed, training = config.federation, config.training
     if fed.local_steps is not None and slices:
         per_epoch = max(1, math.ceil(slices / training.batch_size))
-        epochs = max(1, round(fed.rounds * fed.local_steps / per_epoch))
+        epochs = max(1, round(fed.rounds * fed.local_steps * sites / per_epoch))
         decay_rounds = fed.decay_rounds
         if decay_rounds is None:
             decay_rounds = round(fed.rounds * training.decay_epochs / max(training.epochs, 1))
@@ -586,7 +589,7 @@ def run_experiment(
                     )
     if "pooled" in config.simulation.baselines:
         examples = sum(max(slices[s.name]["a"], slices[s.name]["b"]) for s in trainable)
-        pooled = baseline_config(fed_config, "pooled", baselines, examples)
+        pooled = baseline_config(fed_config, "pooled", baselines, examples, sites=len(trainable))
         with _phase(
             phases, POOLED, echo, f"pooled baseline: {len(trainable)} sites' data together"
         ) as run:

@@ -42,6 +42,9 @@ def test_baselines_get_the_federations_compute() -> None:
     )
     # 4 rounds x 5 steps = 20 steps; 40 examples in batches of 4 = 10 steps an epoch -> 2 epochs.
     assert baseline_config(stepped, "p", Path("/tmp"), slices=40).training.epochs == 2
+    # Pooled over 3 sites: their 3 x 20 steps on 120 examples (30 steps an epoch) -> 2 epochs.
+    assert baseline_config(stepped, "p", Path("/tmp"), slices=120, sites=3).training.epochs == 2
+    assert baseline_config(stepped, "p", Path("/tmp"), slices=120).training.epochs == 1
 
 
 def test_site_level_dp_baselines_train_without_noise() -> None:
