@@ -16,7 +16,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, load_config
-from server.coordinator import Coordinator, CoordinatorStoppedError
+from common.io import READABLE, atomic_write_text
+from server.coordinator import Coordinator, CoordinatorInterruptedError, CoordinatorStoppedError
+from server.status import STOPPED_FILE, StatusWriter
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -50,6 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir)
     site_dirs = str(run_config.get("site-dirs", "")).split(",")
+    status = StatusWriter(run_dir, config.federation.rounds)
     try:
         coordinator = Coordinator(
             grid,
@@ -58,8 +61,15 @@ def main(grid: Grid, context: Context) -> None:
             resume=bool(run_config.get("resume", False)),
             site_dirs=site_dirs,
         )
-        coordinator.run()
+        status = coordinator.status
+        with coordinator.stop_on_signals():
+            try:
+                coordinator.run()
+            except CoordinatorInterruptedError as exc:
+                raise SystemExit(f"fedsynth coordinator: {coordinator.interrupted(exc)}") from None
     except CoordinatorStoppedError as exc:
         logger.error("run stopped: %s", exc)
-        (run_dir / "STOPPED").write_text(f"{exc}\n", encoding="utf-8")
+        atomic_write_text(run_dir / STOPPED_FILE, f"{exc}\n", mode=READABLE)
+        current = status.current
+        status.set("stopped", current.round if current else None, str(exc))
         raise SystemExit(f"fedsynth coordinator stopped: {exc}") from None

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.config import ConfigError, load_config
 from common.flower import FlowerError
 from server.certs import make_certificates
-from server.launch import INSECURE_WARNING, ServeOptions, run_federation
+from server.launch import INSECURE_WARNING, ServeOptions, ServerInterruptedError, run_federation
+from server.status import FINAL_STATES, RunStatus, read_status
 
 console = Console(soft_wrap=True)
 logger = logging.getLogger("fedsynth.server")
@@ -84,11 +90,32 @@ def server_command(
         outcome = run_federation(run, options, echo=console.print)
     except (FlowerError, FileNotFoundError, ValueError) as exc:
         fail(exc)
+    except KeyboardInterrupt as exc:  # SIGTERM (docker stop, systemd) or Ctrl-C
+        signum = exc.signum if isinstance(exc, ServerInterruptedError) else signal.SIGINT
+        _report_interruption(run_dir, certs, insecure, signum)
+        raise typer.Exit(128 + signum) from None
     if outcome.stopped:
         fail(f"the run stopped: {outcome.stopped}")
     if outcome.status != "finished:completed":
         fail(f"Flower run {outcome.run_id} ended as {outcome.status}; see {run_dir}/superlink.log")
     console.print(f"done: {run_dir / 'rounds'}")
+
+
+def _report_interruption(run_dir: Path, certs: Path | None, insecure: bool, signum: int) -> None:
+    """What an operator needs after ``docker stop``: where the run stands, how to go on."""
+    name = signal.Signals(signum).name
+    try:
+        status = read_status(run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"stopped by {name} before the run started ({exc})")
+        return
+    console.print(
+        f"stopped by {name}: SuperLink stopped; {status.completed}/{status.rounds} rounds "
+        "complete" + (f"; {status.detail}" if status.detail else "")
+    )
+    if status.completed < status.rounds:
+        access = "--insecure" if insecure else f"--certs {certs}"
+        console.print(f"continue with: fedsynth server --run-dir {run_dir} {access} --resume")
 
 
 def certs_command(
@@ -120,3 +147,101 @@ def certs_command(
         f"  fedsynth client --data-dir DATA --superlink HOST:9092 --ca {made.ca_cert} "
         "--key <its .key file> --device cuda:0"
     )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_status(status: RunStatus, now: float | None = None) -> None:
+    """``fedsynth status`` for people: the state line, the rounds, one row per site."""
+    now = time.time() if now is None else now
+    console.print(
+        f"[bold]{status.run_dir}[/bold]: {status.direction}, {status.strategy}, "
+        f"{status.rounds} rounds"
+    )
+    state = status.state + (f" round {status.round}" if status.round else "")
+    if status.detail:
+        state += f": {status.detail}"
+    if status.since is not None and status.state not in FINAL_STATES:
+        state += f" (for {_duration(now - status.since)})"
+    if status.running is not None:
+        state += "; coordinator running" if status.running else "; coordinator not running"
+    console.print(f"state: {state}")
+    if status.delta is not None:
+        console.print(f"privacy: epsilon below is cumulative per site, at delta {status.delta:g}")
+    timing = f"rounds complete: {status.completed}/{status.rounds}"
+    if status.round_seconds:
+        timing += (
+            f"; time per round: median {status.median_round_seconds:.1f} s, last "
+            f"{status.round_seconds[-1]:.1f} s"
+        )
+    remaining = status.remaining_seconds
+    if remaining:
+        timing += f"; about {_duration(remaining)} left"
+    console.print(timing)
+
+    table = Table(
+        title=f"Sites ({len(status.sites)} seen; used: rounds whose update was aggregated, "
+        "last: the last round it was asked to train in)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("site", no_wrap=True)
+    for column in ("used", "last", "G loss", "train s", "PSNR", "SSIM", "epsilon", "refused"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for site in status.sites:
+        table.add_row(
+            site.name,
+            str(site.rounds_accepted),
+            str(site.last_round or "-"),
+            _number(site.train.get("loss_g"), 3),
+            _number(site.train.get("seconds"), 1),
+            _number(site.evaluation.get("psnr_masked", site.evaluation.get("psnr")), 2),
+            _number(site.evaluation.get("ssim_masked", site.evaluation.get("ssim")), 3),
+            _number(site.epsilon, 2),
+            str(site.rejections),
+        )
+    console.print(table)
+    if status.rejected:
+        rejected = Table(title="Refused updates", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("round", "site", "why"):
+            rejected.add_column(column)
+        for item in status.rejected:
+            rejected.add_row(str(item.round), item.site, "; ".join(item.reasons))
+        console.print(rejected)
+    else:
+        console.print("refused updates: none")
+    for note in status.notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+
+
+def status_command(
+    run: Annotated[
+        Path,
+        typer.Option(
+            "--run",
+            help="The coordinator's run folder (`fedsynth server --run-dir`; for a simulation, "
+            "its federated/ folder).",
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Where a federated run stands: state and round, sites, metrics, epsilon, rejections."""
+    try:
+        status = read_status(run)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(json.dumps(status.to_json(), indent=1, sort_keys=True))
+    else:
+        render_status(status)

@@ -21,13 +21,16 @@ run key, so the sites find the state each round started from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +62,13 @@ from common.federation import (
 from common.io import atomic_save, atomic_write_text
 from common.models import define_cyclegan
 from server.checkpoint import RoundRecord, latest_round, load_round, round_dir, save_round
+from server.status import ROUNDS_LOG, StatusWriter
 from server.strategy import SiteLevelDP, SiteUpdate, make_aggregator
 from server.validation import check_update
 
 logger = logging.getLogger("fedsynth.server")
 
 RUN_FILE = "run.json"
-ROUNDS_LOG = "rounds.jsonl"
 SERVER_STATE = "server_state.pt"
 POLL_S = 0.5
 REPORT_EVERY_S = 30.0
@@ -73,6 +76,18 @@ REPORT_EVERY_S = 30.0
 
 class CoordinatorStoppedError(RuntimeError):
     """The run cannot go on (too few sites, too few valid updates); the message says why."""
+
+
+class CoordinatorInterruptedError(BaseException):
+    """SIGTERM or SIGINT reached the coordinator (``docker stop``, systemd, Ctrl-C).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` on the way
+    swallows it. Raised only outside a round's checkpoint writing (see
+    :meth:`Coordinator.stop_on_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -168,6 +183,10 @@ class Coordinator:
             sites=[],
         )
         self._writer: Any = None
+        self.status = StatusWriter(self.run_dir, self.fed.rounds)
+        self.status.set("starting", self.start_round, "connecting to the SuperLink")
+        self._writing = False  # inside a round's checkpoint: a signal waits until it is done
+        self._deferred_signal: int | None = None
 
     # ------------------------------------------------------------------ run bookkeeping
 
@@ -238,17 +257,25 @@ class Coordinator:
             needed = self.fed.min_sites
             if round_number == 1 and self.fed.start_sites is not None:
                 needed = max(needed, self.fed.start_sites)
-            if len(nodes) >= needed:
-                absent = self.known_sites - {self.site_name(n) for n in nodes}
-                if not absent or now - start >= self.fed.rejoin_grace_s:
-                    if absent:
-                        logger.warning(
-                            "round %d: going on without %s (offline after %.0f s of grace)",
-                            round_number,
-                            ", ".join(sorted(absent)),
-                            self.fed.rejoin_grace_s,
-                        )
-                    return nodes
+            online = [self.site_name(n) for n in nodes]
+            absent = self.known_sites - set(online)
+            self.status.set(
+                "waiting",
+                round_number,
+                f"{len(nodes)} site(s) online, {needed} needed"
+                + (f"; grace for {', '.join(sorted(absent))}" if absent else ""),
+                online=online,
+                waiting_for=sorted(absent),
+            )
+            if len(nodes) >= needed and (not absent or now - start >= self.fed.rejoin_grace_s):
+                if absent:
+                    logger.warning(
+                        "round %d: going on without %s (offline after %.0f s of grace)",
+                        round_number,
+                        ", ".join(sorted(absent)),
+                        self.fed.rejoin_grace_s,
+                    )
+                return nodes
             if now >= deadline:
                 known = sorted(set(self.names.values()) - {self.site_name(n) for n in nodes})
                 raise CoordinatorStoppedError(
@@ -308,7 +335,17 @@ class Coordinator:
             )
         deadline = time.monotonic() + self.fed.round_timeout_s
         last_report = time.monotonic()
+        state = "training" if kind == "train" else "evaluating"
+        names = [self.site_name(n) for n in nodes]
         while pending and time.monotonic() < deadline:
+            waiting_for = [self.site_name(n) for n in pending.values()]
+            self.status.set(
+                state,
+                round_number,
+                f"{len(names) - len(waiting_for)} of {len(names)} sites replied",
+                online=names,
+                waiting_for=waiting_for,
+            )
             for reply in self.grid.pull_messages(list(pending)):
                 answered = reply.metadata.reply_to_message_id
                 if answered in pending:
@@ -485,6 +522,11 @@ class Coordinator:
         return {k: float(v) for k, v in report.mean.items()}
 
     def _record(self, summary: RoundSummary) -> None:
+        with self._critical():
+            self._write_round(summary)
+        self.status.set("between rounds", summary.round, f"round {summary.round} complete")
+
+    def _write_round(self, summary: RoundSummary) -> None:
         record = RoundRecord(
             round=summary.round,
             aggregated=summary.aggregated,
@@ -547,4 +589,58 @@ class Coordinator:
         if self._writer is not None:
             self._writer.close()
         logger.info("run complete: %s", round_dir(self.run_dir, self.fed.rounds))
+        self.status.set("finished", self.fed.rounds, f"all {self.fed.rounds} rounds complete")
         return summaries
+
+    # ------------------------------------------------------------------ stopping
+
+    @contextlib.contextmanager
+    def _critical(self) -> Iterator[None]:
+        """Writing a round's checkpoint, ``rounds.jsonl`` and scalars: a signal that arrives
+        meanwhile takes effect when the round is completely written."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self._deferred_signal is not None:
+            signum, self._deferred_signal = self._deferred_signal, None
+            raise CoordinatorInterruptedError(signum)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """Turn SIGTERM and SIGINT into :class:`CoordinatorInterruptedError` for the duration:
+        the round in progress is abandoned (sites' replies to it are not used), complete rounds
+        stay as written, and ``--resume`` continues after the last of them. In any thread but
+        the main one (where Python cannot install handlers) this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self._writing:
+                self._deferred_signal = signum
+                return
+            raise CoordinatorInterruptedError(signum)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def interrupted(self, exc: CoordinatorInterruptedError) -> str:
+        """Log and record an interruption; returns the one-line explanation."""
+        last = latest_round(self.run_dir) or 0
+        current = self.status.current
+        doing = f"{current.state} in round {current.round}" if current and current.round else ""
+        text = (
+            f"stopped by {exc} while {doing or 'starting'}; that round is abandoned; rounds "
+            f"1-{last} of {self.fed.rounds} are complete and --resume continues after round {last}"
+            if last
+            else f"stopped by {exc} while {doing or 'starting'}; no round is complete yet"
+        )
+        logger.warning("%s", text)
+        self.status.set("interrupted", current.round if current else None, text)
+        return text

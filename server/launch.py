@@ -11,7 +11,9 @@ prints a warning on every start, because anyone who can reach the port can join 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -32,6 +34,7 @@ from common.flower import (
     write_app_dir,
     write_connection,
 )
+from server.status import FINAL_STATES, STATUS_FILE
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -161,16 +164,24 @@ class Superlink:
         return ids
 
 
+class ServerInterruptedError(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, systemd) or Ctrl-C reached ``fedsynth server``."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (``docker stop``, systemd) into KeyboardInterrupt so the SuperLink we started
+    """Turn SIGTERM (``docker stop``, systemd) into an interrupt so the SuperLink we started
     is stopped on the way out instead of being orphaned."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise ServerInterruptedError(signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -189,6 +200,28 @@ def _tail(path: Path, offset: int, echo: Callable[[str], None]) -> int:
         return handle.tell()
 
 
+def _wait_for_coordinator(run_dir: Path, timeout: float) -> None:
+    """After the SuperLink stopped, give the coordinator process (the ServerApp, which Flower
+    runs in a process group of its own and which notices its parent is gone within a second)
+    time to record why it stopped, so that ``status.json`` says so rather than a dead pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            live = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+            pid, state = int(live.get("pid", 0)), str(live.get("state", ""))
+        except (OSError, ValueError):
+            return
+        if state in FINAL_STATES or pid <= 0:
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(0.2)
+
+
 def run_federation(
     config: RunConfig, options: ServeOptions, echo: Callable[[str], None] = print
 ) -> RunOutcome:
@@ -202,6 +235,7 @@ def run_federation(
     else:
         write_resolved_config(config, run_dir)
     (run_dir / "STOPPED").unlink(missing_ok=True)
+    (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the new coordinator writes its own
     rounds = config.federation.rounds
     timeout = options.timeout_s or rounds * 2 * config.federation.round_timeout_s + 600
     run_config: dict[str, str | int | float | bool] = {
@@ -219,6 +253,21 @@ def run_federation(
             run_config["site-misalignment"] = ",".join(options.site_misalignment)
         if options.cpus_per_site is not None:
             run_config["cpus-per-site"] = options.cpus_per_site
+    try:
+        return _serve(config, options, run_config, timeout, echo)
+    except KeyboardInterrupt:
+        _wait_for_coordinator(run_dir, timeout=20.0)
+        raise
+
+
+def _serve(
+    config: RunConfig,
+    options: ServeOptions,
+    run_config: dict[str, str | int | float | bool],
+    timeout: float,
+    echo: Callable[[str], None],
+) -> RunOutcome:
+    run_dir = Path(options.run_dir)
     with _terminate_as_interrupt(), Superlink(options) as link:
         if options.sites:
             link.register(options.sites)

@@ -13,12 +13,7 @@ from safetensors.numpy import load_file
 from common.federation import ARRAYS, METRICS
 from server.checkpoint import latest_round, round_dir
 from server.coordinator import Coordinator, CoordinatorStoppedError
-from simulations.inprocess import InProcessGrid, phantom_sites, tiny_config
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return phantom_sites(tmp_path_factory.mktemp("consortium"))
+from simulations.inprocess import InProcessGrid, tiny_config
 
 
 def _nodes(sites: list[Path], tmp: Path, **extra: dict[str, str]) -> dict[int, dict[str, str]]:

@@ -25,16 +25,11 @@ from common.federation import ARRAYS, METRICS
 from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
 from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
-from simulations.inprocess import InProcessGrid, phantom_sites, tiny_config
+from simulations.inprocess import InProcessGrid, tiny_config
 
 SIGMA = 1.1
 STEPS = 2  # local steps per round
 NETWORKS = 4  # G_AB, G_BA, D_A, D_B (no misalignment, so no R)
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return phantom_sites(tmp_path_factory.mktemp("consortium"))
 
 
 def _config(*extra: str) -> RunConfig:
