@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.launch import INSECURE_WARNING, ClientOptions, exec_supernode, supernode_command
+from client.launch import INSECURE_WARNING, ClientOptions, run_supernode, supernode_command
 from client.local import train_local
 from common.checkpoint import CheckpointError
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
@@ -125,4 +125,6 @@ def client_command(
     except (ValueError, SiteDataError) as exc:
         fail(exc)
     console.print(f"connecting to {superlink} with data from {data_dir}")
-    exec_supernode(options)
+    code = run_supernode(options, echo=lambda line: typer.echo(line, err=True))
+    if code:
+        raise typer.Exit(code)

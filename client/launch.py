@@ -8,12 +8,23 @@ wrong path fails here, with the path, rather than as a refused round later.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.discovery import discover_site
 from common.flower import BIN, flower_env, node_config_text
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+# How long the SuperNode's helpers get to stop after it: inside Docker's default 10 s stop timeout.
+STOP_GRACE_S = 8.0
 
 INSECURE_WARNING = (
     "INSECURE: connecting without TLS or node authentication. The model and metrics travel in "
@@ -84,7 +95,85 @@ def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]
     return command, flower_env(state_dir / "flwr")
 
 
-def exec_supernode(options: ClientOptions) -> None:
-    """Replace this process with the SuperNode (signals and exit codes are the SuperNode's)."""
+def _become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``), so that the ClientApp and
+    SuperExec processes the SuperNode starts in sessions of their own come back to this process
+    when the SuperNode ends: they can then be waited for, and never linger as zombies in a
+    container where this process is PID 1."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc; empty where there is none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _reap(deadline: float) -> list[int]:
+    """Wait for every child (adopted ones too) until ``deadline``; return those still running."""
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return []
+        if pid == 0:
+            time.sleep(0.2)
+    return _children(os.getpid())
+
+
+def run_supernode(options: ClientOptions, echo: Callable[[str], None] = print) -> int:
+    """Run the SuperNode until it ends or this process gets SIGTERM/SIGINT; returns the exit code.
+
+    On SIGTERM (``docker stop``, systemd) or Ctrl-C the SuperNode is asked to stop; the round in
+    progress, if any, is abandoned: the site's state files are written atomically once a round
+    is trained, so the state folder keeps the last finished round and nothing half-written. The
+    SuperNode's helpers (SuperExec, the ClientApp) notice their parent is gone and stop; they
+    get ``grace_s`` to do so, then SIGKILL. The exit code is 128 + the signal's number, as a
+    shell reports a process ended by that signal.
+    """
     command, env = supernode_command(options)
-    os.execve(command[0], command, env)
+    subreaper = _become_subreaper()
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not received:
+            echo(
+                f"fedsynth client: {signal.Signals(signum).name}: stopping the SuperNode; a round "
+                f"in progress is abandoned, {options.state_dir} keeps the last finished round"
+            )
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if subreaper:
+        left = _reap(time.monotonic() + STOP_GRACE_S)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            echo(f"fedsynth client: {len(left)} process(es) did not stop in time; killed")
+        _reap(time.monotonic() + STOP_GRACE_S)
+    if received:
+        echo("fedsynth client: stopped")
+        return 128 + received[0]
+    return code

@@ -111,7 +111,7 @@ def _report_interruption(run_dir: Path, certs: Path | None, insecure: bool, sign
         return
     console.print(
         f"stopped by {name}: SuperLink stopped; {status.completed}/{status.rounds} rounds "
-        "complete" + (f"; {status.detail}" if status.detail else "")
+        "complete" + (f"; coordinator: {status.detail}" if status.detail else "")
     )
     if status.completed < status.rounds:
         access = "--insecure" if insecure else f"--certs {certs}"

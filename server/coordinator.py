@@ -636,10 +636,10 @@ class Coordinator:
         current = self.status.current
         doing = f"{current.state} in round {current.round}" if current and current.round else ""
         text = (
-            f"stopped by {exc} while {doing or 'starting'}; that round is abandoned; rounds "
+            f"interrupted ({exc}) while {doing or 'starting'}; that round is abandoned; rounds "
             f"1-{last} of {self.fed.rounds} are complete and --resume continues after round {last}"
             if last
-            else f"stopped by {exc} while {doing or 'starting'}; no round is complete yet"
+            else f"interrupted ({exc}) while {doing or 'starting'}; no round is complete yet"
         )
         logger.warning("%s", text)
         self.status.set("interrupted", current.round if current else None, text)

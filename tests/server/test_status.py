@@ -92,7 +92,7 @@ def test_a_signal_while_a_round_is_written_waits_for_the_round(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
     text = coordinator.interrupted(caught.value)
-    assert "SIGTERM" in text and "--resume continues after round 1" in text
+    assert "(SIGTERM)" in text and "--resume continues after round 1" in text
     status = read_status(run)
     assert (status.state, status.completed) == ("interrupted", 1)
     assert status.remaining_seconds is None
