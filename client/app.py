@@ -11,7 +11,9 @@ with ``SITE_BUDGET`` so the coordinator can tell a spent budget from a failure.
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -61,6 +63,46 @@ class ContextStore(MemoryStore):
         self.context.state[STATE_RECORD] = ConfigRecord(dict(self.blobs))
 
 
+SITE_LOG = "site.log"
+_LOGGERS = ("client", "common", "fedsynth.client")  # where this process's messages come from
+_FORMAT = "%(asctime)s %(levelname)s fedsynth: %(message)s"
+
+
+def setup_site_logging(state_dir: Path | None) -> None:
+    """Make the ClientApp's messages reach the hospital's operator.
+
+    Flower runs the ClientApp in a fresh process that configures only Flower's own logger, so
+    fedsynth's lines (round progress, epsilon, why a round was declined) would go nowhere. They
+    go to stderr, which the SuperNode passes on to the daemon's output (``docker logs``), and to
+    ``<state-dir>/site.log``, which stays with the site's state. Idempotent; a process that
+    serves another state folder (simulation) switches its file.
+    """
+    formatter = logging.Formatter(_FORMAT)
+    for name in _LOGGERS:
+        target = logging.getLogger(name)
+        target.setLevel(logging.INFO)
+        handlers = {type(h): h for h in target.handlers if getattr(h, "fedsynth_site", False)}
+        if logging.StreamHandler not in handlers:
+            stream = logging.StreamHandler(sys.stderr)
+            stream.setFormatter(formatter)
+            stream.fedsynth_site = True  # type: ignore[attr-defined]
+            target.addHandler(stream)
+        current = handlers.get(logging.FileHandler)
+        wanted = None if state_dir is None else Path(state_dir) / SITE_LOG
+        if current is not None and (
+            wanted is None or Path(current.baseFilename) != wanted.resolve()  # type: ignore[attr-defined]
+        ):
+            target.removeHandler(current)
+            current.close()
+            current = None
+        if current is None and wanted is not None:
+            wanted.parent.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.FileHandler(wanted, encoding="utf-8")
+            file_handler.setFormatter(formatter)
+            file_handler.fedsynth_site = True  # type: ignore[attr-defined]
+            target.addHandler(file_handler)
+
+
 def _store(settings: SiteSettings, context: Context) -> StateStore:
     return DiskStore(settings.state_dir) if settings.state_dir else ContextStore(context)
 
@@ -90,6 +132,7 @@ def _instruction(msg: Message) -> RoundInstruction:
 def train(msg: Message, context: Context) -> Message:
     try:
         settings = SiteSettings.from_configs(context.node_config, context.run_config)
+        setup_site_logging(settings.state_dir)
         instruction = _instruction(msg)
         global_state = from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
         shared, metrics = train_round(
@@ -110,6 +153,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         settings = SiteSettings.from_configs(context.node_config, context.run_config)
+        setup_site_logging(settings.state_dir)
         instruction = _instruction(msg)
         global_state = from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
         metrics = evaluate_round(settings, instruction, global_state)

@@ -15,6 +15,7 @@ resumed run then ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -55,6 +56,8 @@ from common.federation import (
 from common.io import atomic_path
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0  # a line in the hospital's log while a round trains
 
 KEEP_STATES = 3
 FAULTS = ("nan", "shape")
@@ -311,6 +314,18 @@ def train_round(
         seed=config.training.seed,
     )
     trainer = _trainer(settings, config)
+    logger.info(
+        "round %d: training %s on %d A and %d B slices, %s, lr %.2g, on %s",
+        instruction.round,
+        config.data.direction,
+        site.slices_a,
+        site.slices_b,
+        f"{instruction.local_steps} steps"
+        if instruction.local_steps
+        else f"{instruction.local_epochs} local epoch(s)",
+        instruction.lr,
+        trainer.device,
+    )
     blob = store.load(instruction.run_key, instruction.round)
     state = (
         None
@@ -369,7 +384,12 @@ def train_round(
                 num_workers=config.training.num_workers,
             )
         )
-        summary = trainer.train_epoch(loader, max_steps=None if budget is None else budget - steps)
+        summary = trainer.train_epoch(
+            loader,
+            max_steps=None if budget is None else budget - steps,
+            report=functools.partial(_report_progress, instruction.round, epoch, budget, steps),
+            report_every_s=PROGRESS_EVERY_S,
+        )
         done = int(summary["steps"])
         for key, value in summary.items():
             if key.startswith("loss_"):
@@ -433,6 +453,30 @@ def train_round(
         sums.get("loss_cycle", math.nan) / max(steps, 1),
     )
     return shared, metrics
+
+
+def _report_progress(
+    round_number: int,
+    epoch: int,
+    budget: int | None,
+    done_before: int,
+    steps: int,
+    total: int | None,
+    rate: float,
+    losses: Mapping[str, float],
+) -> None:
+    """One line of a round's progress for the hospital's log (there is no terminal to draw on)."""
+    if budget is not None:
+        where = f"step {done_before + steps}/{budget}"
+    else:
+        where = f"epoch {epoch + 1}, step {steps}" + (f"/{total}" if total else "")
+    logger.info(
+        "round %d: %s, %.1f samples/s, G %.3f",
+        round_number,
+        where,
+        rate,
+        losses.get("loss_g", math.nan),
+    )
 
 
 def evaluate_round(

@@ -29,7 +29,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -460,9 +460,13 @@ class CycleGANTrainer:
         max_steps: int | None = None,
         progress: bool = False,
         description: str = "training",
+        report: Callable[[int, int | None, float, dict[str, float]], None] | None = None,
+        report_every_s: float = 30.0,
     ) -> dict[str, float]:
         """Run over ``loader`` once (or ``max_steps`` batches); return mean losses and speed.
 
+        ``report(steps, total, samples_per_s, last_losses)`` is called every ``report_every_s``
+        seconds, for logs where a progress bar cannot go (a hospital daemon's).
         Does not advance the learning-rate schedule: call :meth:`end_epoch` for that.
         """
         dataset = getattr(loader, "dataset", None)
@@ -477,7 +481,7 @@ class CycleGANTrainer:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # an empty DP batch reports no loss
         steps = samples = 0
-        start = time.perf_counter()
+        start = last_report = time.perf_counter()
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -500,6 +504,9 @@ class CycleGANTrainer:
                     int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
                 )
                 rate = samples / max(time.perf_counter() - start, 1e-9)
+                if report is not None and time.perf_counter() - last_report >= report_every_s:
+                    report(steps, total, rate, metrics)
+                    last_report = time.perf_counter()
                 bar.update(
                     task,
                     advance=1,

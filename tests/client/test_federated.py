@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+from client.app import setup_site_logging
 from client.federated import DiskStore, MemoryStore, SiteError, SiteSettings
 from client.trainer import CycleGANTrainer
 from tests.client.test_trainer import SIZE, TINY, _batches, _training
@@ -95,3 +97,41 @@ def test_site_settings_from_node_or_simulation_config(tmp_path: Path) -> None:
         SiteSettings.from_configs({"partition-id": 5}, {"site-dirs": "/a,/b"})
     with pytest.raises(SiteError, match="fault"):
         SiteSettings.from_configs({"data-dir": "/x", "fault": "explode"}, {})
+
+
+def test_site_logging_reaches_stderr_and_the_state_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ("client", "common", "fedsynth.client")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
+    try:
+        setup_site_logging(tmp_path / "a")
+        setup_site_logging(tmp_path / "a")  # every round calls it: no second handler
+        logging.getLogger("client.federated").info("round 3: step 10/40")
+        assert (tmp_path / "a" / "site.log").read_text().count("round 3: step 10/40") == 1
+        assert capsys.readouterr().err.count("fedsynth: round 3: step 10/40") == 1
+        setup_site_logging(tmp_path / "b")  # another simulated site in the same process
+        logging.getLogger("common.data").warning("skipped a scan")
+        assert "skipped a scan" in (tmp_path / "b" / "site.log").read_text()
+        assert "skipped a scan" not in (tmp_path / "a" / "site.log").read_text()
+    finally:
+        for name, (level, handlers) in saved.items():
+            target = logging.getLogger(name)
+            for handler in target.handlers:
+                if handler not in handlers:
+                    handler.close()
+            target.handlers[:] = handlers
+            target.setLevel(level)
+
+
+def test_a_round_reports_its_progress_while_it_trains() -> None:
+    trainer = CycleGANTrainer(TINY, _training(), SIZE)
+    calls: list[tuple[int, int | None, float]] = []
+    trainer.train_epoch(
+        _batches(3),
+        max_steps=2,
+        report=lambda steps, total, rate, losses: calls.append((steps, total, losses["loss_g"])),
+        report_every_s=0.0,
+    )
+    assert [(s, t) for s, t, _ in calls] == [(1, 2), (2, 2)]
+    assert all(loss > 0 for _, _, loss in calls)
