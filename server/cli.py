@@ -17,7 +17,7 @@ from rich.table import Table
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.config import ConfigError, load_config
 from common.flower import FlowerError
-from server.certs import make_certificates
+from server.certs import SITE_NAME, make_certificates, make_node_key
 from server.launch import INSECURE_WARNING, ServeOptions, ServerInterruptedError, run_federation
 from server.status import FINAL_STATES, RunStatus, read_status
 
@@ -146,6 +146,25 @@ def certs_command(
     console.print(
         f"  fedsynth client --data-dir DATA --superlink HOST:9092 --ca {made.ca_cert} "
         "--key <its .key file> --device cuda:0"
+    )
+
+
+def keygen_command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the key pair (created).")],
+    site: Annotated[str, typer.Option(help="This hospital's name in the consortium.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False,
+) -> None:
+    """Make this hospital's node key pair; only the public half (.pub) goes to the coordinator."""
+    if not SITE_NAME.match(site):
+        fail(f"--site {site!r}: use letters, digits, '.', '_' or '-' (up to 64 characters)")
+    private = out_dir / f"{site}.key"
+    if private.exists() and not overwrite:
+        fail(f"{private} exists; a new key means registering again (--overwrite to replace it)")
+    private, public = make_node_key(out_dir, site)
+    console.print(f"private key (stays here, mode 0600): {private}")
+    console.print(f"public key (send to the coordinator): {public}")
+    console.print(
+        f"The coordinator admits it with: fedsynth server ... --site {site}=<path to {public.name}>"
     )
 
 

@@ -21,7 +21,7 @@ from common.cli import (
     phantom_command,
     synthesize_command,
 )
-from server.cli import certs_command, server_command, status_command
+from server.cli import certs_command, keygen_command, server_command, status_command
 from simulations.run import simulate_command
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command("evaluate")(evaluate_command)
 app.command("server")(server_command)
 app.command("client")(client_command)
 app.command("certs")(certs_command)
+app.command("keygen")(keygen_command)
 app.command("status")(status_command)
 app.command("simulate")(simulate_command)
 

@@ -38,3 +38,22 @@ def test_refuses_to_overwrite_a_ca_or_take_odd_names(tmp_path: Path) -> None:
         make_certificates(tmp_path, ["site-a"])
     with pytest.raises(ValueError, match="site names"):
         make_certificates(tmp_path / "x", ["../evil"])
+
+
+def test_a_hospital_makes_its_own_key_pair_and_keeps_the_private_half(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["keygen", str(tmp_path), "--site", "hospital-a"])
+    assert result.exit_code == 0, result.output
+    private, public = tmp_path / "hospital-a.key", tmp_path / "hospital-a.pub"
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    openssh = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+    assert public.read_bytes().startswith(openssh)  # the .pub is the private key's own half
+    again = CliRunner().invoke(app, ["keygen", str(tmp_path), "--site", "hospital-a"])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    kept = load_ssh_private_key(private.read_bytes(), password=None)
+    assert kept.public_key() == key.public_key()  # refused: the registered key is unchanged
