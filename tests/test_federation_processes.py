@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,11 @@ from common.accounting import RDP_ORDERS
 from common.data.datasets import UnpairedSlices
 from common.data.site import load_site
 from common.flower import free_port
-from server.certs import make_certificates
+from server.certs import make_certificates, make_node_key
 from server.checkpoint import latest_round, round_dir
 from simulations.federated import simulate
 from simulations.inprocess import TINY, phantom_sites, tiny_config
+from tests.local_compose import LocalCompose
 
 pytestmark = pytest.mark.slow
 
@@ -89,11 +91,19 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        argv: list[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """``fedsynth ARGS`` (or a whole ``argv``, e.g. a compose service's) in its own group."""
         log = (self.root / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [FEDSYNTH, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
-            start_new_session=True, cwd=self.root,
+            argv or [FEDSYNTH, *args], stdout=log, stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else self.env, start_new_session=True, cwd=self.root,
         )  # fmt: skip
         self.procs[name] = proc
         return proc
@@ -182,91 +192,149 @@ def test_simulation_engine_three_sites_two_rounds(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- deployment
+# The deployment is docker/compose.yaml's: its certs, phantom, coordinator and hospital services'
+# commands, image environment and healthchecks, run as local processes (tests/local_compose.py
+# maps container paths, host names and ports). Two deviations, both for time: the consortium
+# file is the tiny two-round DP one written here under the compose file's name, and the phantom
+# service writes 3, 2 and 1 subjects at 4 mm instead of its 6, 4 and 2 at 2 mm.
+PHANTOM_FOR_TESTS = {"--subjects": "3,2,1", "--voxel-mm": "4"}
+
+
+@dataclass
+class Deployment:
+    root: Path
+    cluster: Cluster
+    compose: LocalCompose
+    run: Path
+    hospitals: list[str]  # compose services, also the names the coordinator registers
+    data: dict[str, Path]  # hospital -> its data folder (the phantom volume's site-N)
+    state: dict[str, Path]  # hospital -> its state volume
+    intruder_key: Path
+    healthy: dict[str, int] = field(default_factory=dict)  # service -> healthcheck exit code
+    data_before: dict[str, tuple[int, int]] = field(default_factory=dict)
+    data_after: dict[str, tuple[int, int]] = field(default_factory=dict)
+    certs_before: dict[str, tuple[int, int]] = field(default_factory=dict)
+    certs_after: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _option(argv: list[str], option: str) -> str:
+    return argv[argv.index(option) + 1]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, mtime_ns) of every file: what a read-only mount must keep."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _healthcheck(compose: LocalCompose, service: str) -> int:
+    return subprocess.run(
+        compose.healthcheck(service), env=compose.env(service), capture_output=True, timeout=30
+    ).returncode
+
+
+def _one_shot(compose: LocalCompose, service: str, root: Path, **options: str) -> None:
+    done = subprocess.run(
+        compose.argv(service, options), env=compose.env(service), cwd=root,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{service}: {done.stdout}{done.stderr}"
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Cluster]]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Three hospitals of unequal size, TLS and node auth, two rounds, plus an intruder."""
     root = tmp_path_factory.mktemp("deployment")
-    sites = phantom_sites(root / "data", (3, 2, 1))
-    certs = make_certificates(root / "certs", ["site-1", "site-2", "site-3", "intruder"])
     config = _config_file(
         root / "consortium.toml", "federation.rounds=2", "federation.min_sites=3", *DP
     )
+    compose = LocalCompose(root, binds={"./consortium.toml": config})
+    hospitals = sorted(s for s in compose.services if s.startswith("hospital-"))
     cluster = Cluster(root)
-    registered = [f"--site={s}={certs.node_keys[s][1]}" for s in ("site-1", "site-2", "site-3")]
+    _one_shot(compose, "certs", root)
+    _one_shot(compose, "phantom", root, **PHANTOM_FOR_TESTS)
+    certs, phantom = compose.volumes["certs"], compose.volumes["phantom"]
+    argv = {name: compose.argv(name) for name in ["coordinator", *hospitals]}
+    made = Deployment(
+        root=root,
+        cluster=cluster,
+        compose=compose,
+        run=Path(_option(argv["coordinator"], "--run-dir")),
+        hospitals=hospitals,
+        data={h: Path(_option(argv[h], "--data-dir")) for h in hospitals},
+        state={h: Path(_option(argv[h], "--state-dir")) for h in hospitals},
+        intruder_key=make_node_key(root / "intruder", "intruder")[0],
+        data_before=_snapshot(phantom),
+        certs_before=_snapshot(certs),
+    )
+    cluster.port = int(_option(argv["coordinator"], "--port"))
     try:
-        cluster.start(
-            "server",
-            ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
-             "--port", str(cluster.port), "--config", str(config), *registered],
-        )  # fmt: skip
-        _wait_for(lambda: "submitted" in cluster.log("server"), 120, "the run", cluster)
-        for index, site in enumerate(sites, start=1):
-            name = f"site-{index}"
-            cluster.start(
-                name,
-                ["client", "--data-dir", str(site), "--superlink", f"127.0.0.1:{cluster.port}",
-                 "--ca", str(certs.ca_cert), "--key", str(certs.node_keys[name][0]),
-                 "--state-dir", f"state-{index}", "--audit-log", f"audit-{index}.jsonl",
-                 "--runtime-port", str(free_port()), "--device", "cpu"],
-            )  # fmt: skip
+        cluster.start("server", [], argv=argv["coordinator"], env=compose.env("coordinator"))
+        # Compose starts the hospitals once the coordinator's healthcheck passes.
+        _wait_for(
+            lambda: _healthcheck(compose, "coordinator") == 0, 120, "a healthy coordinator", cluster
+        )
+        for hospital in hospitals:
+            cluster.start(hospital, [], argv=argv[hospital], env=compose.env(hospital))
         cluster.start(
             "intruder",
-            ["client", "--data-dir", str(sites[0]), "--superlink", f"127.0.0.1:{cluster.port}",
-             "--ca", str(certs.ca_cert), "--key", str(certs.node_keys["intruder"][0]),
-             "--state-dir", "state-intruder", "--runtime-port", str(free_port())],
+            ["client", "--data-dir", str(made.data[hospitals[0]]), "--superlink",
+             f"127.0.0.1:{cluster.port}", "--ca", str(certs / "ca.crt"),
+             "--key", str(made.intruder_key), "--state-dir", "state-intruder",
+             "--runtime-port", str(free_port())],
         )  # fmt: skip
         cluster.procs["server"].wait(600)
-        yield root, cluster
+        made.healthy = {h: _healthcheck(compose, h) for h in hospitals}
+        made.data_after, made.certs_after = _snapshot(phantom), _snapshot(certs)
+        yield made
     finally:
         cluster.stop_all()
-        cluster.kill_pidfile(root / "run" / "superlink.pid")
+        cluster.kill_pidfile(made.run / "superlink.pid")
 
 
-def test_deployment_with_tls_and_node_auth_runs_two_rounds(
-    deployment: tuple[Path, Cluster],
-) -> None:
-    root, cluster = deployment
+def test_deployment_with_tls_and_node_auth_runs_two_rounds(deployment: Deployment) -> None:
+    cluster, run, hospitals = deployment.cluster, deployment.run, deployment.hospitals
     assert cluster.procs["server"].returncode == 0, cluster.log("server")[-3000:]
-    run = root / "run"
     rounds = _rounds(run)
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
-        assert r["accepted"] == ["site-1", "site-2", "site-3"]
+        assert r["accepted"] == hospitals == ["hospital-a", "hospital-b", "hospital-c"]
         assert (round_dir(run, r["round"]) / "generators.safetensors").exists()
     # Unequal sites: the largest trains on the most examples.
     examples = {s: m["num-examples"] for s, m in rounds[0]["train_metrics"].items()}
-    assert examples["site-1"] > examples["site-3"]
+    by_folder = {deployment.data[h].name: examples[h] for h in hospitals}
+    assert by_folder["site-1"] > by_folder["site-3"]
     # Bytes on the wire: every float32 generator parameter, once per site and direction.
     weights = load_file(str(round_dir(run, 2) / "generators.safetensors"))
     payload = sum(v.nbytes for v in weights.values())
-    assert rounds[1]["bytes_up"] == dict.fromkeys(["site-1", "site-2", "site-3"], payload)
-    assert rounds[1]["bytes_down"] == dict.fromkeys(["site-1", "site-2", "site-3"], payload)
+    assert rounds[1]["bytes_up"] == dict.fromkeys(hospitals, payload)
+    assert rounds[1]["bytes_down"] == dict.fromkeys(hospitals, payload)
     assert "round 2/2" in cluster.log("server")
     assert not (run / "superlink.pid").exists()
     # Example-level DP: each site's cumulative epsilon, each round, as Opacus recomputes it.
-    sites = sorted((root / "data").glob("site-*"))
     for r in rounds:
-        for site in sites:
-            expected = _expected_epsilon(site, DP, r["round"])
-            assert r["epsilon"][site.name] == pytest.approx(expected, rel=1e-9)
-            assert r["train_metrics"][site.name]["epsilon"] == r["epsilon"][site.name]
+        for hospital in hospitals:
+            expected = _expected_epsilon(deployment.data[hospital], DP, r["round"])
+            assert r["epsilon"][hospital] == pytest.approx(expected, rel=1e-9)
+            assert r["train_metrics"][hospital]["epsilon"] == r["epsilon"][hospital]
     assert "epsilon max" in cluster.log("server")
 
 
-def test_an_unregistered_node_key_is_refused(deployment: tuple[Path, Cluster]) -> None:
-    root, cluster = deployment
-    rounds = _rounds(root / "run")
+def test_an_unregistered_node_key_is_refused(deployment: Deployment) -> None:
+    cluster = deployment.cluster
+    rounds = _rounds(deployment.run)
     assert all("intruder" not in r["sites"] for r in rounds)
     assert len(rounds[0]["sites"]) == 3
     # The SuperLink refused the intruder's key (and the intruder never got a node).
-    key = load_ssh_private_key((root / "certs" / "nodes" / "intruder.key").read_bytes(), None)
+    key = load_ssh_private_key(deployment.intruder_key.read_bytes(), None)
     pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
     body = pem.splitlines()[1]
     refusals = [
         line
-        for line in (root / "run" / "superlink.log").read_text(encoding="utf-8").splitlines()
+        for line in (deployment.run / "superlink.log").read_text(encoding="utf-8").splitlines()
         if body in line
     ]
     assert refusals and all("No SuperNode found with the given public key" in r for r in refusals)
@@ -274,13 +342,15 @@ def test_an_unregistered_node_key_is_refused(deployment: tuple[Path, Cluster]) -
 
 
 def test_audit_sites_send_only_generator_tensors_and_whitelisted_scalars(
-    deployment: tuple[Path, Cluster],
+    deployment: Deployment,
 ) -> None:
-    root, _ = deployment
-    weights = load_file(str(round_dir(root / "run", 1) / "generators.safetensors"))
+    root = deployment.root
+    weights = load_file(str(round_dir(deployment.run, 1) / "generators.safetensors"))
     expected_shapes = {key: list(value.shape) for key, value in weights.items()}
-    for index in (1, 2, 3):
-        lines = (root / f"audit-{index}.jsonl").read_text(encoding="utf-8").splitlines()
+    for hospital in deployment.hospitals:
+        # compose.yaml's hospitals write --audit-log /state/audit.jsonl
+        lines = (deployment.state[hospital] / "audit.jsonl").read_text(encoding="utf-8")
+        lines = lines.splitlines()
         entries = [json.loads(line) for line in lines]
         assert [e["type"] for e in entries] == ["train", "evaluate", "train", "evaluate"]
         for entry in entries:
@@ -306,6 +376,31 @@ def test_audit_sites_send_only_generator_tensors_and_whitelisted_scalars(
             )
         text = "\n".join(lines)
         assert "sub-" not in text and str(root) not in text and "/" not in text
+
+
+def test_compose_services_as_deployed_keep_data_and_keys_and_stop_on_sigterm(
+    deployment: Deployment,
+) -> None:
+    """What compose.yaml promises beyond the run: read-only mounts stay untouched, each
+    hospital's healthcheck passes while its daemon waits, and `docker stop`'s SIGTERM ends
+    every process within Docker's 10 s grace, freeing every port."""
+    compose, cluster = deployment.compose, deployment.cluster
+    assert deployment.data_after == deployment.data_before and deployment.data_before
+    assert deployment.certs_after == deployment.certs_before and deployment.certs_before
+    assert deployment.healthy == dict.fromkeys(deployment.hospitals, 0)
+    for hospital in deployment.hospitals:
+        # Each hospital dialled the coordinator with its own key, and only its own.
+        assert Path(_option(cluster.procs[hospital].args, "--key")).name == f"{hospital}.key"
+        proc = cluster.procs[hospital]
+        assert proc.poll() is None, cluster.log(hospital)[-3000:]
+        os.kill(proc.pid, signal.SIGTERM)  # to the daemon only, as `docker stop` via tini does
+    for hospital in deployment.hospitals:
+        pid = cluster.procs[hospital].pid
+        assert cluster.procs[hospital].wait(10) is not None
+        with pytest.raises(ProcessLookupError):  # nothing it started outlives it
+            os.killpg(pid, 0)
+    assert all(_port_is_free(port) for port in compose.ports.values()), compose.ports
+    assert not (deployment.run / "superlink.pid").exists()
 
 
 # --------------------------------------------------------------------------- faults
