@@ -27,7 +27,9 @@ errors = Console(stderr=True, soft_wrap=True)  # one line per error: grep-able i
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="TOML file with [data], [model], [training], ... tables."),
+    typer.Option(
+        "--config", "-c", help="TOML file with \\[data], \\[model], \\[training], ... tables."
+    ),
 ]
 PresetOption = Annotated[
     str | None, typer.Option("--preset", "-p", help="Preset: cpu-small or gpu-paper.")

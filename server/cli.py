@@ -77,12 +77,18 @@ def server_command(
             fail(exc, 2)
     else:
         run = resolve_config(config, preset, overrides)
+    sites = {} if insecure else _sites(site, certs)
+    if not insecure and not sites and not resume:
+        fail(
+            f"no hospital to admit: {certs}/nodes/ holds no <site>.pub and no --site NAME=KEY.pub "
+            "was given (node authentication would refuse every hospital)"
+        )
     options = ServeOptions(
         run_dir=run_dir,
         host=host,
         port=port,
         certs=certs,
-        sites={} if insecure else _sites(site, certs),
+        sites=sites,
         insecure=insecure,
         resume=resume,
     )
@@ -120,7 +126,13 @@ def _report_interruption(run_dir: Path, certs: Path | None, insecure: bool, sign
 
 def certs_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the CA, server and node keys.")],
-    site: Annotated[list[str], typer.Option(help="A hospital's name (repeat for each).")],
+    site: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Make a key pair for this hospital (repeat). Leave out for hospitals that make "
+            "their own with `fedsynth keygen` (then only their .pub files come here)."
+        ),
+    ] = None,
     host: Annotated[
         list[str] | None,
         typer.Option(help="Name or IP hospitals use to reach the coordinator (repeat)."),
@@ -130,7 +142,9 @@ def certs_command(
 ) -> None:
     """Make a development CA, the SuperLink's certificate and one key pair per hospital."""
     try:
-        made = make_certificates(out_dir, site, hosts=host or [], days=days, overwrite=overwrite)
+        made = make_certificates(
+            out_dir, site or [], hosts=host or [], days=days, overwrite=overwrite
+        )
     except (ValueError, FileExistsError) as exc:
         fail(exc)
     console.print(f"CA certificate (give to every hospital): {made.ca_cert}")
@@ -139,9 +153,20 @@ def certs_command(
     )
     for name, (private, public) in made.node_keys.items():
         console.print(f"{name}: private key {private} (to {name} only), public key {public}")
-    console.print("\nThe coordinator admits them with:")
-    pairs = " ".join(f"--site {n}={pub}" for n, (_, pub) in made.node_keys.items())
-    console.print(f"  fedsynth server --run-dir RUN --certs {out_dir} {pairs} --config CONFIG.toml")
+    nodes = out_dir / "nodes"
+    if made.node_keys:
+        console.print("\nThe coordinator admits them with:")
+        pairs = " ".join(f"--site {n}={pub}" for n, (_, pub) in made.node_keys.items())
+        console.print(
+            f"  fedsynth server --run-dir RUN --certs {out_dir} {pairs} --config CONFIG.toml"
+        )
+    else:
+        console.print(
+            "\nNo hospital keys made here. Put each hospital's public key (from `fedsynth "
+            f"keygen`) in {nodes}/ as <site>.pub: `fedsynth server --certs {out_dir}` admits "
+            "every one."
+        )
+        console.print(f"  fedsynth server --run-dir RUN --certs {out_dir} --config CONFIG.toml")
     console.print("Each hospital starts its daemon with:")
     console.print(
         f"  fedsynth client --data-dir DATA --superlink HOST:9092 --ca {made.ca_cert} "

@@ -57,3 +57,19 @@ def test_a_hospital_makes_its_own_key_pair_and_keeps_the_private_half(tmp_path: 
     assert again.exit_code == 1 and "--overwrite" in again.output
     kept = load_ssh_private_key(private.read_bytes(), password=None)
     assert kept.public_key() == key.public_key()  # refused: the registered key is unchanged
+
+
+def test_a_coordinator_without_hospital_keys_refuses_to_start(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["certs", str(tmp_path / "certs"), "--host", "fl.example.org"])
+    assert made.exit_code == 0 and "fedsynth keygen" in made.output
+    assert not (tmp_path / "certs" / "nodes").exists()
+    started = runner.invoke(
+        app, ["server", "--run-dir", str(tmp_path / "run"), "--certs", str(tmp_path / "certs")]
+    )
+    assert started.exit_code == 1 and "no hospital to admit" in started.output
+    assert not (tmp_path / "run").exists()  # refused before anything was started or written
