@@ -218,9 +218,13 @@ def render_status(status: RunStatus, now: float | None = None) -> None:
         state += f": {status.detail}"
     if status.since is not None and status.state not in FINAL_STATES:
         state += f" (for {_duration(now - status.since)})"
-    if status.running is not None:
+    if status.running is not None and status.state not in FINAL_STATES:
         state += "; coordinator running" if status.running else "; coordinator not running"
     console.print(f"state: {state}")
+    if status.waiting_for:
+        console.print(f"waiting for: {', '.join(status.waiting_for)}")
+    if status.online:
+        console.print(f"online: {', '.join(status.online)}")
     if status.delta is not None:
         console.print(f"privacy: epsilon below is cumulative per site, at delta {status.delta:g}")
     timing = f"rounds complete: {status.completed}/{status.rounds}"
@@ -235,13 +239,15 @@ def render_status(status: RunStatus, now: float | None = None) -> None:
     console.print(timing)
 
     table = Table(
-        title=f"Sites ({len(status.sites)} seen; used: rounds whose update was aggregated, "
-        "last: the last round it was asked to train in)",
+        title=f"Sites ({len(status.sites)} seen). used: rounds whose update was aggregated; "
+        "last: the last round it was asked to train in; G: its last generator loss",
         title_justify="left",
         box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
     )
     table.add_column("site", no_wrap=True)
-    for column in ("used", "last", "G loss", "train s", "PSNR", "SSIM", "epsilon", "refused"):
+    for column in ("used", "last", "G", "train s", "PSNR", "SSIM", "epsilon", "refused"):
         table.add_column(column, justify="right", no_wrap=True)
     for site in status.sites:
         table.add_row(

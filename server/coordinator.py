@@ -559,19 +559,21 @@ class Coordinator:
         writer.add_scalar("round/overhead_seconds", summary.overhead_seconds, summary.round)
         writer.flush()
         psnr = summary.aggregated.get("eval/psnr", summary.aggregated.get("central/psnr"))
+        loss_g = summary.aggregated.get("train/loss_g")
         privacy = ""
         if summary.worst_epsilon is not None:
             worst = max(summary.epsilon, key=lambda s: summary.epsilon[s])
             privacy = f", epsilon max {summary.worst_epsilon:.2f} ({worst})"
         logger.info(
-            "round %d/%d: %d/%d sites accepted%s, G %.4f, %s%s, up %.2f MB/site, %.1f s "
+            "round %d/%d: %d/%d sites accepted%s, %s, %s%s, up %.2f MB/site, %.1f s "
             "(overhead %.1f s)",
             summary.round,
             self.fed.rounds,
             len(summary.accepted),
             len(summary.sites),
             f" (left out: {', '.join(sorted(summary.rejected))})" if summary.rejected else "",
-            summary.aggregated.get("train/loss_g", math.nan),
+            # Under DP the sites keep their losses (README, "What leaves a hospital").
+            f"G {loss_g:.4f}" if loss_g is not None else "losses kept at the sites",
             f"PSNR {psnr:.2f} dB" if psnr is not None else "no evaluation",
             privacy,
             (sum(summary.bytes_up.values()) / max(len(summary.bytes_up), 1)) / 1e6,

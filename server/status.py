@@ -139,6 +139,8 @@ class RunStatus:
     since: float | None
     updated: float | None
     running: bool | None  # is the coordinator process alive? None: cannot tell from here
+    online: list[str]  # sites connected when the coordinator last looked (live runs)
+    waiting_for: list[str]  # sites whose reply (or return) the coordinator is waiting for
     stopped_reason: str | None
     round_seconds: list[float]
     rejected: list[Rejection]
@@ -231,6 +233,7 @@ def read_status(run_dir: Path) -> RunStatus:
     if live is not None:
         state, round_number, detail = live.state, live.round, live.detail
         since, updated = live.since, live.updated
+        online, waiting_for = list(live.online), list(live.waiting_for)
         running = _process_alive(live.pid, live.host)
         if state not in FINAL_STATES and running is False:
             state, detail = (
@@ -244,6 +247,7 @@ def read_status(run_dir: Path) -> RunStatus:
         finished = completed >= rounds
         state = "finished" if finished else ("stopped" if stopped else "unknown")
         round_number, detail, since, updated, running = None, "", None, None, None
+        online, waiting_for = [], []
     if stopped and state not in ("stopped", "interrupted"):
         state = "stopped"
     if state == "stopped" and stopped:
@@ -281,6 +285,8 @@ def read_status(run_dir: Path) -> RunStatus:
         since=since,
         updated=updated,
         running=running,
+        online=online if state not in FINAL_STATES else [],
+        waiting_for=waiting_for if state not in FINAL_STATES else [],
         stopped_reason=stopped,
         round_seconds=[float(records[n].get("seconds", 0.0)) for n in sorted(records)],
         rejected=rejected,

@@ -107,11 +107,16 @@ def test_a_coordinator_that_died_reads_as_interrupted(tmp_path: Path) -> None:
     writer.set("training", 2, "1 of 3 sites replied", online=["a", "b", "c"], waiting_for=["c"])
     live = json.loads((run / STATUS_FILE).read_text())
     assert live["waiting_for"] == ["c"] and live["round"] == 2
-    assert read_status(run).running is True  # this process wrote it and is alive
+    alive = read_status(run)
+    assert alive.running is True  # this process wrote it and is alive
+    assert (alive.online, alive.waiting_for) == (["a", "b", "c"], ["c"])
+    shown = CliRunner().invoke(app, ["status", "--run", str(run)])
+    assert "waiting for: c" in shown.output and "online: a, b, c" in shown.output
     live["pid"] = int(dead.stdout)
     (run / STATUS_FILE).write_text(json.dumps(live))
     status = read_status(run)
     assert status.state == "interrupted" and status.running is False
+    assert status.waiting_for == []  # nobody is waited for by a dead coordinator
     assert "training in round 2" in status.detail
 
 
