@@ -200,6 +200,13 @@ def phantom_command(
     overwrite: Annotated[
         bool, typer.Option(help="Replace site folders a previous phantom run wrote (only those).")
     ] = False,
+    exist_ok: Annotated[
+        bool,
+        typer.Option(
+            help="If OUT_DIR already holds these sites with these subject counts, keep them and "
+            "succeed (for start-up scripts and compose)."
+        ),
+    ] = False,
 ) -> None:
     """Write a consortium of brain-phantom hospitals in BIDS, built from the MNI ICBM152 anatomy.
 
@@ -215,6 +222,16 @@ def phantom_command(
         wanted = [Modality.parse(m) for m in modalities.split(",") if m.strip()]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if exist_ok and not overwrite:
+        found = [len(list((out_dir / f"site-{i}").glob("sub-*"))) for i in range(1, sites + 1)]
+        if found == counts:
+            console.print(f"kept the phantom sites already in {out_dir} ({subjects} subjects)")
+            return
+        if any(found):
+            fail(
+                f"{out_dir} holds phantom sites with {','.join(map(str, found))} subjects, not "
+                f"{subjects}: choose another folder or pass --overwrite"
+            )
     try:
         with console.status("building phantom") as status:
             paths = generate_consortium(

@@ -149,6 +149,43 @@ def make_certificates(
     return result
 
 
+def check_certificates(out_dir: Path, sites: Sequence[str], *, hosts: Sequence[str] = ()) -> None:
+    """Check that ``out_dir`` holds what :func:`make_certificates` would make for ``sites`` and
+    ``hosts``: the CA, a server certificate it signed that names every host, each site's keys.
+
+    Raises:
+        FileNotFoundError: a file is missing (named).
+        ValueError: the server certificate does not name a host, or was not signed by the CA.
+    """
+    out_dir = Path(out_dir)
+    needed = [out_dir / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
+    for site in sites:
+        needed += [out_dir / "nodes" / f"{site}.key", out_dir / "nodes" / f"{site}.pub"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}")
+    ca = x509.load_pem_x509_certificate((out_dir / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out_dir / "server.crt").read_bytes())
+    if server.issuer != ca.subject:
+        raise ValueError(f"{out_dir / 'server.crt'} was not issued by {out_dir / 'ca.crt'}")
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    known = {str(n) for n in names.get_values_for_type(x509.DNSName)}
+    known |= {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    absent = [h for h in hosts if _host_text(h) not in known]
+    if absent:
+        raise ValueError(
+            f"{out_dir / 'server.crt'} does not name {', '.join(absent)} (it names "
+            f"{', '.join(sorted(known))}); make new certificates with --overwrite"
+        )
+
+
+def _host_text(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
 def make_node_key(folder: Path, site: str) -> tuple[Path, Path]:
     """One OpenSSH ECDSA P-384 key pair: ``<folder>/<site>.key`` (0600) and ``<site>.pub``."""
     key = ec.generate_private_key(ec.SECP384R1())

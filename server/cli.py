@@ -17,7 +17,7 @@ from rich.table import Table
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.config import ConfigError, load_config
 from common.flower import FlowerError
-from server.certs import SITE_NAME, make_certificates, make_node_key
+from server.certs import SITE_NAME, check_certificates, make_certificates, make_node_key
 from server.launch import INSECURE_WARNING, ServeOptions, ServerInterruptedError, run_federation
 from server.status import FINAL_STATES, RunStatus, read_status
 
@@ -55,6 +55,13 @@ def server_command(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir after its last complete round.")
     ] = False,
+    resume_if_exists: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --run-dir if it holds one, else start it with --config "
+            "(one command line for a service that restarts)."
+        ),
+    ] = False,
     insecure: Annotated[
         bool, typer.Option(help="No TLS, no node authentication: loopback tests only.")
     ] = False,
@@ -63,6 +70,9 @@ def server_command(
     overrides: SetOption = None,
 ) -> None:
     """Start the coordinator: a SuperLink (TLS + node authentication) and the federated run."""
+    if resume_if_exists and (run_dir / "config.resolved.toml").exists():
+        resume = True
+        console.print(f"{run_dir} holds a run: continuing it (its saved configuration applies)")
     if insecure:
         console.print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}")
     elif certs is None:
@@ -139,8 +149,22 @@ def certs_command(
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing CA.")] = False,
+    exist_ok: Annotated[
+        bool,
+        typer.Option(
+            help="If OUT_DIR already holds a CA, a server certificate for every --host and a key "
+            "pair for every --site, keep them and succeed (for start-up scripts and compose)."
+        ),
+    ] = False,
 ) -> None:
     """Make a development CA, the SuperLink's certificate and one key pair per hospital."""
+    if exist_ok and not overwrite and (out_dir / "ca.key").exists():
+        try:
+            check_certificates(out_dir, site or [], hosts=host or [])
+        except (ValueError, FileNotFoundError) as exc:
+            fail(f"{out_dir} holds a CA but not what was asked: {exc}")
+        console.print(f"kept the certificates and keys already in {out_dir}")
+        return
     try:
         made = make_certificates(
             out_dir, site or [], hosts=host or [], days=days, overwrite=overwrite

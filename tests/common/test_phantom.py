@@ -433,3 +433,21 @@ def test_contrast_enhanced_t1w_is_written_when_asked(tmp_path: Path) -> None:
     assert ratio_enhanced > 1.03 * ratio_plain
     assert "T1w-ce" in _truth(site)["sequences"]
     assert _truth(site)["sequences"]["T1w-ce"]["contrast_agent"] is True
+
+
+def test_phantom_exist_ok_keeps_matching_sites_and_refuses_others(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    args = ["phantom", str(tmp_path / "p"), "--sites", "2", "--subjects", "1,1", "--voxel-mm",
+            "6", "--modalities", "T1w,T2w", "--no-lesions"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "p").rglob("*.nii.gz")}
+    kept = runner.invoke(app, [*args, "--exist-ok"])
+    assert kept.exit_code == 0 and "kept" in kept.output
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "p").rglob("*.nii.gz")} == stamp
+    other = [*args[:5], "2,1", *args[6:], "--exist-ok"]
+    refused = runner.invoke(app, other)
+    assert refused.exit_code == 1 and "1,1 subjects, not 2,1" in refused.output

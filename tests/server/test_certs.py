@@ -73,3 +73,25 @@ def test_a_coordinator_without_hospital_keys_refuses_to_start(tmp_path: Path) ->
     )
     assert started.exit_code == 1 and "no hospital to admit" in started.output
     assert not (tmp_path / "run").exists()  # refused before anything was started or written
+
+
+def test_exist_ok_keeps_a_complete_set_and_refuses_an_incomplete_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    certs = tmp_path / "certs"
+    first = runner.invoke(app, ["certs", str(certs), "--site", "a", "--host", "coordinator"])
+    assert first.exit_code == 0, first.output
+    before = {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    again = runner.invoke(
+        app, ["certs", str(certs), "--site", "a", "--host", "coordinator", "--exist-ok"]
+    )
+    assert again.exit_code == 0 and "kept" in again.output
+    assert {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()} == before
+    more = runner.invoke(app, ["certs", str(certs), "--site", "b", "--exist-ok"])
+    assert more.exit_code == 1 and "nodes/b.key" in more.output
+    other = runner.invoke(app, ["certs", str(certs), "--host", "fl.example.org", "--exist-ok"])
+    assert other.exit_code == 1 and "does not name fl.example.org" in other.output
+    assert {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()} == before
