@@ -94,6 +94,7 @@ def write_app_dir(folder: Path, version: str = "0.1.0") -> Path:
                         "cache-dir": "",
                         "site-misalignment": "",
                         "cpus-per-site": 0,
+                        "admitted-keys": "",
                     },
                 }
             }

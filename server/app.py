@@ -8,6 +8,7 @@ settings come from the fedsynth configuration, which the coordinator sends to ev
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -39,6 +40,20 @@ def _setup_logging(run_dir: Path) -> None:
         root.addHandler(handler)
 
 
+def _admitted(path: str) -> dict[str, str] | None:
+    """The hospitals ``fedsynth server`` admitted (name -> public key), or None (simulation,
+    ``--insecure``)."""
+    if not path:
+        return None
+    try:
+        sites = json.loads(Path(path).read_text(encoding="utf-8"))["sites"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(
+            f"fedsynth coordinator: cannot read the admitted keys {path}: {exc}"
+        ) from None
+    return {str(name): str(key) for name, key in sites.items()}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -60,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
             run_dir,
             resume=bool(run_config.get("resume", False)),
             site_dirs=site_dirs,
+            admitted=_admitted(str(run_config.get("admitted-keys", ""))),
         )
         status = coordinator.status
         with coordinator.stop_on_signals():

@@ -186,6 +186,24 @@ def _host_text(host: str) -> str:
         return host
 
 
+def public_key_der(data: bytes | str) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key in OpenSSH (``.pub``) or PEM form, so that
+    one key compares equal whichever way it was written.
+
+    Raises:
+        ValueError: not a public key.
+    """
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    key = (
+        serialization.load_pem_public_key(raw)
+        if raw.lstrip().startswith(b"-----BEGIN")
+        else serialization.load_ssh_public_key(raw.strip())
+    )
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def make_node_key(folder: Path, site: str) -> tuple[Path, Path]:
     """One OpenSSH ECDSA P-384 key pair: ``<folder>/<site>.key`` (0600) and ``<site>.pub``."""
     key = ec.generate_private_key(ec.SECP384R1())

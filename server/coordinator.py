@@ -61,6 +61,7 @@ from common.federation import (
 )
 from common.io import atomic_save, atomic_write_text
 from common.models import define_cyclegan
+from server.certs import public_key_der
 from server.checkpoint import RoundRecord, latest_round, load_round, round_dir, save_round
 from server.status import ROUNDS_LOG, StatusWriter
 from server.strategy import SiteLevelDP, SiteUpdate, make_aggregator
@@ -146,6 +147,9 @@ class Coordinator:
         resume: continue after the last complete round found in ``run_dir``.
         site_dirs: simulation only, the folders of the simulated sites in partition order (names
             the sites in logs instead of node IDs).
+        admitted: deployment only, site name -> public key (OpenSSH or PEM) of every hospital
+            ``fedsynth server`` admitted. Only nodes with one of these keys take part, under
+            that name, whatever name they registered with (see :meth:`screen_nodes`).
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class Coordinator:
         *,
         resume: bool = False,
         site_dirs: Iterable[str] = (),
+        admitted: Mapping[str, str] | None = None,
     ):
         self.grid = grid
         self.config = config
@@ -164,6 +169,12 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.site_dirs = [s for s in site_dirs if s]
         self.names: dict[int, str] = {}
+        self.admitted = (
+            None
+            if admitted is None
+            else {public_key_der(key): name for name, key in admitted.items()}
+        )
+        self.ignored: set[int] = set()  # online nodes whose key this coordinator did not admit
         self.known_sites: set[str] = set()  # sites that sent a valid update in some round
         self.epsilon: dict[str, float] = {}  # latest cumulative epsilon each site reported
         self.aggregator = make_aggregator(self.fed, config.privacy)
@@ -238,6 +249,42 @@ class Coordinator:
             if getattr(info, "name", "") and info.node_id not in self.names:
                 self.names[info.node_id] = str(info.name)
 
+    def screen_nodes(self) -> list[int]:
+        """The online nodes this coordinator may use.
+
+        In a deployment Flower's SuperLink also serves its Control API on the hospitals' port,
+        so anyone who reaches the port with the consortium's CA certificate can register a node
+        key of their own and join (node authentication then only proves that the node holds
+        *a* registered key). A node takes part only if its public key is one ``fedsynth
+        server`` admitted, and it is named by that key, not by the name it registered under.
+        Others are logged once and never sent anything.
+        """
+        online = sorted(self.grid.get_node_ids())
+        if self.admitted is None:
+            self._learn_names()
+            return online
+        for info in self.grid.get_nodes():
+            node = int(info.node_id)
+            if node in self.names or node in self.ignored:
+                continue
+            raw = getattr(info, "public_key", b"") or b""
+            try:
+                name = self.admitted.get(public_key_der(raw)) if raw else None
+            except (ValueError, TypeError):
+                name = None
+            if name is None:
+                self.ignored.add(node)
+                logger.warning(
+                    "ignoring node %d (registered as %r): its key is not one this coordinator "
+                    "admitted, so someone registered it through the SuperLink's Control API; "
+                    "restrict the coordinator's port to the consortium's hospitals",
+                    node,
+                    str(getattr(info, "name", "")),
+                )
+            else:
+                self.names[node] = name
+        return [n for n in online if n in self.names]
+
     def _name_from_partition(self, node_id: int, metrics: Mapping[str, float]) -> None:
         pid = metrics.get("partition-id")
         if pid is not None and 0 <= int(pid) < len(self.site_dirs):
@@ -251,8 +298,7 @@ class Coordinator:
         deadline = start + self.fed.round_timeout_s
         last_report = 0.0
         while True:
-            nodes = sorted(self.grid.get_node_ids())
-            self._learn_names()
+            nodes = self.screen_nodes()
             now = time.monotonic()
             needed = self.fed.min_sites
             if round_number == 1 and self.fed.start_sites is not None:

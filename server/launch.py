@@ -34,11 +34,13 @@ from common.flower import (
     write_app_dir,
     write_connection,
 )
+from common.io import READABLE, atomic_write_text
 from server.status import FINAL_STATES, STATUS_FILE
 
 logger = logging.getLogger("fedsynth.server")
 
 CONNECTION = "fedsynth"
+ADMITTED_FILE = "admitted.json"
 INSECURE_WARNING = (
     "INSECURE: TLS and node authentication are OFF. Traffic (model weights, metrics) is "
     "readable on the network and any machine that reaches this port can join the federation. "
@@ -92,6 +94,22 @@ class RunOutcome:
     run_id: int
     run_dir: Path
     stopped: str | None  # the coordinator's reason when it stopped early
+
+
+def write_admitted(run_dir: Path, sites: Mapping[str, Path]) -> Path:
+    """``<run>/admitted.json``: the public key of every hospital this coordinator admitted.
+
+    Flower's SuperLink serves its Control API on the hospitals' port, so anyone who can reach
+    that port with the CA certificate can register a node key of their own (tested). The
+    coordinator therefore trusts only nodes whose key is listed here, under the name given here
+    (see :meth:`server.coordinator.Coordinator.screen_nodes`). On ``--resume`` without sites the
+    file from the first start is kept. Public keys only: the file is not secret.
+    """
+    path = Path(run_dir) / ADMITTED_FILE
+    if sites or not path.exists():
+        keys = {name: Path(key).read_text(encoding="utf-8").strip() for name, key in sites.items()}
+        atomic_write_text(path, json.dumps({"sites": keys}, indent=1) + "\n", mode=READABLE)
+    return path
 
 
 def tls_files(certs: Path) -> Tls:
@@ -268,6 +286,8 @@ def _serve(
     echo: Callable[[str], None],
 ) -> RunOutcome:
     run_dir = Path(options.run_dir)
+    if not options.insecure and not options.simulation:
+        run_config["admitted-keys"] = str(write_admitted(run_dir, options.sites).resolve())
     with _terminate_as_interrupt(), Superlink(options) as link:
         if options.sites:
             link.register(options.sites)

@@ -61,6 +61,7 @@ class InProcessGrid:
         names: Mapping[int, str] | None = None,
         silent: Iterable[int] = (),
         crash_on: str | None = None,
+        keys: Mapping[int, bytes] | None = None,
     ):
         # A ServerApp process gets its identity from Flower; messages read it when created.
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
@@ -71,6 +72,7 @@ class InProcessGrid:
             for node, cfg in nodes.items()
         }
         self.names = dict(names or {})
+        self.keys = dict(keys or {})  # node -> public key (PEM), as the SuperLink reports it
         self.silent = set(silent)
         self.crash_on = crash_on
         self.pending: dict[str, Message] = {}
@@ -81,7 +83,10 @@ class InProcessGrid:
         return sorted(self.contexts)
 
     def get_nodes(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(node_id=n, name=self.names.get(n, "")) for n in self.contexts]
+        return [
+            SimpleNamespace(node_id=n, name=self.names.get(n, ""), public_key=self.keys.get(n, b""))
+            for n in self.contexts
+        ]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []

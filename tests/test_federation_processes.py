@@ -31,7 +31,7 @@ from safetensors.numpy import load_file
 from common.accounting import RDP_ORDERS
 from common.data.datasets import UnpairedSlices
 from common.data.site import load_site
-from common.flower import free_port
+from common.flower import free_port, register_node, write_connection
 from server.certs import make_certificates, make_node_key
 from server.checkpoint import latest_round, round_dir
 from simulations.federated import simulate
@@ -210,6 +210,8 @@ class Deployment:
     data: dict[str, Path]  # hospital -> its data folder (the phantom volume's site-N)
     state: dict[str, Path]  # hospital -> its state volume
     intruder_key: Path
+    usurper_key: Path
+    usurper_node: int = 0  # what the SuperLink's Control API answered an outsider's registration
     healthy: dict[str, int] = field(default_factory=dict)  # service -> healthcheck exit code
     data_before: dict[str, tuple[int, int]] = field(default_factory=dict)
     data_after: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -267,6 +269,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         data={h: Path(_option(argv[h], "--data-dir")) for h in hospitals},
         state={h: Path(_option(argv[h], "--state-dir")) for h in hospitals},
         intruder_key=make_node_key(root / "intruder", "intruder")[0],
+        usurper_key=make_node_key(root / "usurper", "usurper")[0],
         data_before=_snapshot(phantom),
         certs_before=_snapshot(certs),
     )
@@ -277,6 +280,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         _wait_for(
             lambda: _healthcheck(compose, "coordinator") == 0, 120, "a healthy coordinator", cluster
         )
+        # An outsider with only ca.crt registers a key of its own through the SuperLink's
+        # Control API (same port), under a hospital's name, and connects with it.
+        outsider = root / "usurper" / "flwr"
+        write_connection(outsider, "x", f"127.0.0.1:{cluster.port}", certs / "ca.crt")
+        made.usurper_node = register_node(
+            outsider, "x", made.usurper_key.with_suffix(".pub"), hospitals[0]
+        )
+        cluster.start(
+            "usurper",
+            ["client", "--data-dir", str(made.data[hospitals[0]]), "--superlink",
+             f"127.0.0.1:{cluster.port}", "--ca", str(certs / "ca.crt"),
+             "--key", str(made.usurper_key), "--state-dir", "state-usurper",
+             "--runtime-port", str(free_port())],
+        )  # fmt: skip
         for hospital in hospitals:
             cluster.start(hospital, [], argv=argv[hospital], env=compose.env(hospital))
         cluster.start(
@@ -339,6 +356,16 @@ def test_an_unregistered_node_key_is_refused(deployment: Deployment) -> None:
     ]
     assert refusals and all("No SuperNode found with the given public key" in r for r in refusals)
     assert "connection attempt failed" in cluster.log("intruder").lower()
+
+
+def test_a_node_registered_through_the_control_api_takes_no_part(deployment: Deployment) -> None:
+    # Flower 1.42 let the outsider register (this is what the coordinator has to defend against).
+    assert deployment.usurper_node > 0
+    log = (deployment.run / "coordinator.log").read_text(encoding="utf-8")
+    assert f"ignoring node {deployment.usurper_node} (registered as 'hospital-a')" in log
+    for r in _rounds(deployment.run):
+        assert sorted(r["sites"]) == deployment.hospitals  # the real hospital-a, by its key
+    assert "train message" not in deployment.cluster.log("usurper")  # never sent a round
 
 
 def test_audit_sites_send_only_generator_tensors_and_whitelisted_scalars(

@@ -170,3 +170,40 @@ def test_interrupted_then_resumed_run_ends_with_the_same_generators(
     # ... and the run really trained: round 3 differs from round 2.
     before = load_file(str(round_dir(straight, 2) / "generators.safetensors"))
     assert any(not np.array_equal(a[k], before[k]) for k in a)
+
+
+def test_only_nodes_with_an_admitted_key_take_part_under_the_admitted_name(
+    sites: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def pair() -> tuple[bytes, str]:  # (PEM as the SuperLink reports it, OpenSSH as admitted)
+        public = ec.generate_private_key(ec.SECP384R1()).public_key()
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ssh = public.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        return pem, ssh.decode()
+
+    a, b, outsider = pair(), pair(), pair()
+    config = tiny_config(
+        "federation.rounds=1", "federation.min_sites=2", "federation.evaluate_sites=false",
+        "federation.local_steps=1",
+    )  # fmt: skip
+    # Node 3 registered its own key through the Control API and calls itself "hospital-a".
+    grid = InProcessGrid(
+        _nodes(sites, tmp_path),
+        names={1: "hospital-a", 2: "b-renamed", 3: "hospital-a"},
+        keys={1: a[0], 2: b[0], 3: outsider[0]},
+    )
+    admitted = {"hospital-a": a[1], "hospital-b": b[1]}
+    with caplog.at_level(logging.WARNING, logger="fedsynth.server"):
+        summary = Coordinator(grid, config, tmp_path / "run", admitted=admitted).run()[0]
+    assert summary.sites == ["hospital-a", "hospital-b"]  # named by key, not by registration
+    assert summary.accepted == ["hospital-a", "hospital-b"]
+    assert all(m.metadata.dst_node_id != 3 for m in grid.sent)  # never sent anything
+    assert "ignoring node 3 (registered as 'hospital-a')" in caplog.text
+    assert caplog.text.count("ignoring node 3") == 1  # logged once, not every poll
