@@ -22,7 +22,8 @@ from pathlib import Path
 from common.data.discovery import discover_site
 from common.flower import BIN, flower_env, node_config_text
 
-PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
 # How long the SuperNode's helpers get to stop after it: inside Docker's default 10 s stop timeout.
 STOP_GRACE_S = 8.0
 
@@ -109,6 +110,13 @@ def _become_subreaper() -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the SuperNode's process, before it starts: SIGTERM when this daemon dies."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (from /proc; empty where there is none)."""
     found = []
@@ -146,7 +154,10 @@ def run_supernode(options: ClientOptions, echo: Callable[[str], None] = print) -
     """
     command, env = supernode_command(options)
     subreaper = _become_subreaper()
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    # Same process group as this daemon, so that whoever signals or kills the group (a
+    # terminal's Ctrl-C, `kill -- -PGID`, a service manager) reaches the SuperNode too; and it
+    # gets SIGTERM should this process die without stopping it (Linux: PR_SET_PDEATHSIG).
+    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
     received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
