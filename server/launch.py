@@ -35,7 +35,7 @@ from common.flower import (
     write_connection,
 )
 from common.io import READABLE, atomic_write_text
-from server.status import FINAL_STATES, STATUS_FILE
+from server.status import STATUS_FILE
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -221,15 +221,16 @@ def _tail(path: Path, offset: int, echo: Callable[[str], None]) -> int:
 def _wait_for_coordinator(run_dir: Path, timeout: float) -> None:
     """After the SuperLink stopped, give the coordinator process (the ServerApp, which Flower
     runs in a process group of its own and which notices its parent is gone within a second)
-    time to record why it stopped, so that ``status.json`` says so rather than a dead pid."""
+    time to record why it stopped and to exit, so that ``status.json`` says so rather than a
+    dead pid, and no coordinator outlives ``fedsynth server``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             live = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
-            pid, state = int(live.get("pid", 0)), str(live.get("state", ""))
+            pid = int(live.get("pid", 0))
         except (OSError, ValueError):
             return
-        if state in FINAL_STATES or pid <= 0:
+        if pid <= 0:
             return
         try:
             os.kill(pid, 0)

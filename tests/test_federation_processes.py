@@ -34,6 +34,7 @@ from common.data.site import load_site
 from common.flower import free_port, register_node, write_connection
 from server.certs import make_certificates, make_node_key
 from server.checkpoint import latest_round, round_dir
+from server.status import read_status
 from simulations.federated import simulate
 from simulations.inprocess import TINY, phantom_sites, tiny_config
 from tests.local_compose import LocalCompose
@@ -160,6 +161,39 @@ def _rounds(run: Path) -> list[dict]:  # type: ignore[type-arg]
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _live_state(run: Path) -> str:
+    try:
+        return str(json.loads((run / "status.json").read_text())["state"])
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    """Processes whose command line contains ``marker`` (a SuperNode's helpers name its port)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in text:
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def _port_is_free(port: int) -> bool:
@@ -451,18 +485,38 @@ def test_faults_killed_site_bad_update_rejoin_and_coordinator_resume(
     server_args = ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
                    "--port", str(cluster.port)]  # fmt: skip
 
+    runtime_ports: dict[str, int] = {}
+
     def client(index: int, extra: list[str] = ()) -> None:  # type: ignore[assignment]
         name = f"site-{index}"
+        runtime_ports[name] = free_port()
         cluster.start(
             name,
             ["client", "--data-dir", str(sites[index - 1]), "--superlink",
              f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
              "--key", str(certs.node_keys[name][0]), "--state-dir", f"state-{index}",
-             "--runtime-port", str(free_port()), *extra],
+             "--runtime-port", str(runtime_ports[name]), *extra],
         )  # fmt: skip
 
-    cluster.start("server", [*server_args, "--config", str(config)])
+    # Before round 1: SIGTERM (docker stop) to the coordinator while it waits for sites. It
+    # stops its SuperLink and ServerApp, records why, says how to go on and exits 143.
+    first_start = [*server_args, "--config", str(config), "--resume-if-exists"]
+    cluster.start("server", first_start)
+    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
+    serverapp = int(json.loads((run / "status.json").read_text())["pid"])
+    cluster.procs["server"].send_signal(signal.SIGTERM)
+    assert cluster.procs["server"].wait(60) == 128 + signal.SIGTERM
+    said = cluster.log("server")
+    assert "stopped by SIGTERM" in said
+    assert "continue with: fedsynth server --run-dir run --certs certs --resume" in said
+    assert read_status(run).state == "interrupted"
+    assert not (run / "superlink.pid").exists()
+    _wait_for(lambda: not _alive(serverapp), 30, "the ServerApp to exit", cluster)
+    (tmp_path / "server.log").rename(tmp_path / "server-before-sigterm.log")
+    # The same command line again continues the run (what a restarting service does).
+    cluster.start("server", first_start)
     _wait_for(lambda: "submitted" in cluster.log("server"), 120, "the run", cluster)
+    assert "holds a run: continuing it" in cluster.log("server")
     client(1)
     client(2)
     client(3, ["--fault", "nan"])
@@ -475,8 +529,16 @@ def test_faults_killed_site_bad_update_rejoin_and_coordinator_resume(
     coordinator_log = run / "coordinator.log"
     assert re.search(r"left out site-3: .*NaN", coordinator_log.read_text(encoding="utf-8"))
 
-    # Round 2: site-2's daemon dies mid-round; the round completes with the others.
-    cluster.kill("site-2")
+    # Round 2: site-2's daemon is stopped mid-round by SIGTERM to its own process (as docker
+    # stop does): it exits 143 and leaves no process (Flower starts the SuperExec and ClientApp
+    # in sessions of their own) and no half-written state; the round completes with the others.
+    helpers = _processes_mentioning(f":{runtime_ports['site-2']}")
+    assert helpers  # the SuperNode's SuperExec, at least
+    cluster.procs["site-2"].send_signal(signal.SIGTERM)
+    assert cluster.procs["site-2"].wait(60) == 128 + signal.SIGTERM
+    assert not [p for p in helpers if _alive(p)]
+    assert not list((tmp_path / "state-2").rglob(".*.tmp*"))
+    assert "stopping the SuperNode" in cluster.log("site-2")
     _wait_for(lambda: len(_rounds(run)) >= 2, 400, "round 2", cluster)
     second = _rounds(run)[1]
     assert second["accepted"] == ["site-1"]
