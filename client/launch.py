@@ -149,8 +149,8 @@ def run_supernode(options: ClientOptions, echo: Callable[[str], None] = print) -
     progress, if any, is abandoned: the site's state files are written atomically once a round
     is trained, so the state folder keeps the last finished round and nothing half-written. The
     SuperNode's helpers (SuperExec, the ClientApp) notice their parent is gone and stop; they
-    get :data:`STOP_GRACE_S` to do so, then SIGKILL. The exit code is 128 + the signal's number, as a
-    shell reports a process ended by that signal.
+    get :data:`STOP_GRACE_S` to do so, then SIGKILL. The exit code is 128 + the signal's number,
+    as a shell reports a process ended by that signal.
     """
     command, env = supernode_command(options)
     subreaper = _become_subreaper()
