@@ -199,7 +199,7 @@ def headline_lines(results: ExperimentResults) -> list[str]:
     if smallest is not None:
         site = _site_of(smallest)
         size = _train_subjects(results).get(site)
-        subjects = f", {size} subjects" if size is not None else ""
+        subjects = "" if size is None else f", {size} subject{'' if size == 1 else 's'}"
         entries.append((f"local-only, smallest site {site}{subjects}", smallest))
     for label, model in entries:
         if model is None:
