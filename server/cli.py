@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
-from common.config import ConfigError, load_config
+from common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
 from common.flower import FlowerError
 from server.certs import SITE_NAME, check_certificates, make_certificates, make_node_key
 from server.launch import INSECURE_WARNING, ServeOptions, ServerInterruptedError, run_federation
@@ -70,7 +70,7 @@ def server_command(
     overrides: SetOption = None,
 ) -> None:
     """Start the coordinator: a SuperLink (TLS + node authentication) and the federated run."""
-    if resume_if_exists and (run_dir / "config.resolved.toml").exists():
+    if resume_if_exists and (run_dir / RESOLVED_CONFIG_NAME).exists():
         resume = True
         console.print(f"{run_dir} holds a run: continuing it (its saved configuration applies)")
     if insecure:
@@ -78,7 +78,7 @@ def server_command(
     elif certs is None:
         fail("--certs is required (make them with `fedsynth certs`), or --insecure for tests")
     if resume:
-        resolved = run_dir / "config.resolved.toml"
+        resolved = run_dir / RESOLVED_CONFIG_NAME
         if not resolved.exists():
             fail(f"--resume {run_dir}: no config.resolved.toml, not a fedsynth run folder")
         try:

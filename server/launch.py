@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import __version__
-from common.config import RunConfig, write_resolved_config
+from common.config import RESOLVED_CONFIG_NAME, RunConfig, write_resolved_config
 from common.flower import (
     FlowerError,
     Process,
@@ -35,7 +34,7 @@ from common.flower import (
     write_connection,
 )
 from common.io import READABLE, atomic_write_text
-from server.status import STATUS_FILE
+from server.status import STATUS_FILE, STOPPED_FILE, process_alive
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -224,20 +223,11 @@ def _wait_for_coordinator(run_dir: Path, timeout: float) -> None:
     time to record why it stopped and to exit, so that ``status.json`` says so rather than a
     dead pid, and no coordinator outlives ``fedsynth server``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            live = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
-            pid = int(live.get("pid", 0))
-        except (OSError, ValueError):
-            return
-        if pid <= 0:
-            return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            pass
+    try:
+        pid = int(json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8")).get("pid", 0))
+    except (OSError, ValueError):
+        return
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.2)
 
 
@@ -247,13 +237,13 @@ def run_federation(
     """Start the SuperLink, register sites, submit the run, follow it, stop the SuperLink."""
     run_dir = Path(options.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.resolved.toml"
+    config_path = run_dir / RESOLVED_CONFIG_NAME
     if options.resume:
         if not config_path.exists():
             raise FileNotFoundError(f"--resume {run_dir}: no config.resolved.toml there")
     else:
         write_resolved_config(config, run_dir)
-    (run_dir / "STOPPED").unlink(missing_ok=True)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     (run_dir / STATUS_FILE).unlink(missing_ok=True)  # the new coordinator writes its own
     rounds = config.federation.rounds
     timeout = options.timeout_s or rounds * 2 * config.federation.round_timeout_s + 600
@@ -321,6 +311,6 @@ def _serve(
             if time.monotonic() > deadline:
                 raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s")
         _tail(run_dir / "coordinator.log", offset, echo)
-    stopped_file = run_dir / "STOPPED"
+    stopped_file = run_dir / STOPPED_FILE
     stopped = stopped_file.read_text(encoding="utf-8").strip() if stopped_file.exists() else None
     return RunOutcome(status=status, run_id=run_id, run_dir=run_dir, stopped=stopped)

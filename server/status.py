@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, load_config
+from common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
 from common.io import READABLE, atomic_write_text
 from server.checkpoint import latest_round
 
@@ -31,7 +31,6 @@ logger = logging.getLogger("fedsynth.server")
 STATUS_FILE = "status.json"
 ROUNDS_LOG = "rounds.jsonl"
 STOPPED_FILE = "STOPPED"
-CONFIG_FILE = "config.resolved.toml"
 
 # What the coordinator can be doing. "finished", "stopped" and "interrupted" are final.
 STATES = ("starting", "waiting", "training", "evaluating", "between rounds", "finished", "stopped",
@@ -166,7 +165,8 @@ class RunStatus:
         return out
 
 
-def _process_alive(pid: int, host: str) -> bool | None:
+def process_alive(pid: int, host: str = "") -> bool | None:
+    """Is ``pid`` running? None when that cannot be told from here (no pid, another host)."""
     if pid <= 0 or (host and host != os.uname().nodename):
         return None
     try:
@@ -201,11 +201,11 @@ def read_status(run_dir: Path) -> RunStatus:
         ValueError: its configuration cannot be read.
     """
     run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_FILE
+    config_path = run_dir / RESOLVED_CONFIG_NAME
     if not config_path.exists():
         raise FileNotFoundError(
-            f"{run_dir}: no {CONFIG_FILE}; expected the --run-dir of `fedsynth server` (or the "
-            "federated/ folder of a `fedsynth simulate` experiment)"
+            f"{run_dir}: no {RESOLVED_CONFIG_NAME}; expected the --run-dir of `fedsynth server` "
+            "(or the federated/ folder of a `fedsynth simulate` experiment)"
         )
     try:
         config = load_config(config_path, environ={})
@@ -234,7 +234,7 @@ def read_status(run_dir: Path) -> RunStatus:
         state, round_number, detail = live.state, live.round, live.detail
         since, updated = live.since, live.updated
         online, waiting_for = list(live.online), list(live.waiting_for)
-        running = _process_alive(live.pid, live.host)
+        running = process_alive(live.pid, live.host)
         if state not in FINAL_STATES and running is False:
             state, detail = (
                 "interrupted",
