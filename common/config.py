@@ -340,6 +340,12 @@ class SimulationConfig(_Section):
         description="Baselines trained on the same split with the same compute.",
     )
     samples: bool = Field(True, description="Save a sample slice per site for the report.")
+    engine: Literal["flower", "inprocess"] = Field(
+        "flower",
+        description="The federated phase: 'flower' (Flower's simulation engine on Ray, the same "
+        "processes as a deployment) or 'inprocess' (the same Coordinator and ClientApp code in "
+        "this process, sites one after another: no Flower processes, for quick tests).",
+    )
     cpus_per_site: int = Field(1, ge=1, description="Ray: CPU cores reserved per site.")
     gpus_per_site: float = Field(
         0.0, ge=0.0, le=1.0, description="Ray: GPU share per site (0.25: four sites per GPU)."

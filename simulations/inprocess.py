@@ -6,6 +6,8 @@ SuperNode would, and keeps the replies until pulled. Sites train one after anoth
 costs the sum of the sites' training instead of the slowest one's, but the arithmetic is the
 same as a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). Nodes can be silent
 (never reply); ``crash_on`` kills the "coordinator" when it collects a message group's replies.
+:func:`simulate_in_process` runs a simulated experiment's federation this way
+(``simulation.engine = "inprocess"``).
 
 :func:`tiny_config` and :func:`phantom_sites` make the small runs the tests and examples use.
 """
@@ -13,7 +15,7 @@ same as a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). No
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,8 +24,12 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
-from common.config import RunConfig, load_config
+from common.config import RESOLVED_CONFIG_NAME, RunConfig, load_config, write_resolved_config
+from common.io import READABLE, atomic_write_text
 from common.phantom import generate_consortium
+from server.coordinator import Coordinator, CoordinatorStoppedError
+from server.launch import RunOutcome
+from server.status import STOPPED_FILE
 
 TINY = [
     "data.spacing_mm=[6, 6, 6]",
@@ -62,12 +68,17 @@ class InProcessGrid:
         silent: Iterable[int] = (),
         crash_on: str | None = None,
         keys: Mapping[int, bytes] | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ):
         # A ServerApp process gets its identity from Flower; messages read it when created.
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.contexts = {
             node: Context(
-                run_id=1, node_id=node, node_config=dict(cfg), state=RecordDict(), run_config={}
+                run_id=1,
+                node_id=node,
+                node_config=dict(cfg),
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
             )
             for node, cfg in nodes.items()
         }
@@ -116,3 +127,54 @@ class InProcessGrid:
             # it aggregates.
             raise KeyboardInterrupt(f"coordinator killed while collecting {self.crash_on}")
         return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
+
+
+def simulate_in_process(
+    config: RunConfig,
+    sites: Sequence[Path],
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    state_root: Path | None = None,
+    cache_dir: Path | None = None,
+    site_misalignment: Sequence[str] = (),
+) -> RunOutcome:
+    """The federated phase of ``simulation.engine = "inprocess"``: what
+    :func:`simulations.federated.simulate` runs on Flower, here on an :class:`InProcessGrid`.
+
+    Simulated site ``i`` reads ``sites[i]`` exactly as a simulated SuperNode would (the same
+    run-config keys), the coordinator writes the same run folder, and a coordinator that stops
+    early (a privacy budget, too few sites) leaves the same ``STOPPED`` file.
+    """
+    run_dir = Path(run_dir)
+    missing = [str(s) for s in sites if not Path(s).is_dir()]
+    if missing:
+        raise ValueError(f"site folder(s) not found: {', '.join(missing)}")
+    if resume and not (run_dir / RESOLVED_CONFIG_NAME).exists():
+        raise FileNotFoundError(f"resume {run_dir}: no {RESOLVED_CONFIG_NAME} there")
+    if not resume:
+        write_resolved_config(config, run_dir)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
+    run_config: dict[str, Any] = {
+        "site-dirs": ",".join(str(Path(s).resolve()) for s in sites),
+        "cache-dir": str(cache.resolve()),
+    }
+    if state_root is not None:
+        run_config["state-root"] = str(Path(state_root).resolve())
+    if site_misalignment:
+        run_config["site-misalignment"] = ",".join(site_misalignment)
+    nodes = {
+        index + 1: {"partition-id": index, "num-partitions": len(sites)}
+        for index in range(len(sites))
+    }
+    grid = InProcessGrid(nodes, run_config=run_config)
+    coordinator = Coordinator(
+        grid, config, run_dir, resume=resume, site_dirs=[str(s) for s in sites]
+    )
+    try:
+        coordinator.run()
+    except CoordinatorStoppedError as exc:
+        atomic_write_text(run_dir / STOPPED_FILE, f"{exc}\n", mode=READABLE)
+        return RunOutcome(status="finished:completed", run_id=1, run_dir=run_dir, stopped=str(exc))
+    return RunOutcome(status="finished:completed", run_id=1, run_dir=run_dir, stopped=None)

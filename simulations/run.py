@@ -51,6 +51,7 @@ from common.phantom import draw_site_scanner, generate_consortium
 from common.synthesis import Synthesizer
 from server.checkpoint import ROUND_RECORD, latest_round, round_dir
 from simulations.federated import simulate
+from simulations.inprocess import simulate_in_process
 from simulations.partition import (
     SplitPlan,
     assign,
@@ -327,16 +328,27 @@ def run_federated(
     done = latest_round(run_dir) if run_dir.exists() else None
     if done == config.federation.rounds:
         return run_dir
-    outcome = simulate(
-        config,
-        list(train_dirs),
-        run_dir,
-        resume=resume and done is not None,
-        state_root=state_root,
-        echo=echo,
-        cache_dir=cache,
-        site_misalignment=list(misalignment),
-    )
+    if config.simulation.engine == "inprocess":
+        outcome = simulate_in_process(
+            config,
+            list(train_dirs),
+            run_dir,
+            resume=resume and done is not None,
+            state_root=state_root,
+            cache_dir=cache,
+            site_misalignment=list(misalignment),
+        )
+    else:
+        outcome = simulate(
+            config,
+            list(train_dirs),
+            run_dir,
+            resume=resume and done is not None,
+            state_root=state_root,
+            echo=echo,
+            cache_dir=cache,
+            site_misalignment=list(misalignment),
+        )
     if outcome.stopped:
         echo(f"  the federation stopped early: {outcome.stopped}")
     elif outcome.status != "finished:completed":
@@ -387,11 +399,24 @@ def _mean(
     return out
 
 
+UNSEEN_PREFIX = "unseen-"
+
+
+def unseen_name(site_dir: Path) -> str:
+    """How a site outside the federation (``--eval-site``) is named in results and reports."""
+    return f"{UNSEEN_PREFIX}{Path(site_dir).name}"
+
+
 class TestSets:
-    """Every site's held-out paired test subjects, loaded once."""
+    """Every site's held-out paired test subjects, and every subject of the unseen sites (sites
+    that took no part in training: leave-one-site-out), loaded once."""
 
     def __init__(
-        self, config: RunConfig, folders: Mapping[str, tuple[Path, Path | None]], cache: Path
+        self,
+        config: RunConfig,
+        folders: Mapping[str, tuple[Path, Path | None]],
+        cache: Path,
+        unseen: Sequence[Path] = (),
     ):
         self.direction = config.data.direction
         self.pairs = {}
@@ -402,6 +427,18 @@ class TestSets:
                 self.pairs[name] = site_pairs(test_dir, config.data, cache)[1]
             except (ScanError, ValueError) as exc:
                 logger.warning("%s has no usable test subjects: %s", name, exc)
+        for site_dir in unseen:
+            name = unseen_name(site_dir)
+            if name in self.pairs:
+                raise ExperimentError(f"two evaluation sites are named {name}: rename a folder")
+            try:
+                self.pairs[name] = site_pairs(Path(site_dir), config.data, cache)[1]
+            except (ScanError, ValueError) as exc:
+                # The caller asked for this site by name: evaluating without it would report a
+                # leave-one-site-out result that has no left-out site.
+                raise ExperimentError(
+                    f"--eval-site {site_dir} cannot be evaluated for {self.direction}: {exc}"
+                ) from exc
         self.slices = {name: sum(len(p) for _, p in pairs) for name, pairs in self.pairs.items()}
 
     def evaluate(
@@ -485,6 +522,7 @@ def run_experiment(
     pool_dir: Path | None = None,
     cache_dir: Path | None = None,
     variant: Mapping[str, Any] | None = None,
+    eval_sites: Sequence[Path] = (),
     echo: Callable[[str], None] = print,
 ) -> ExperimentResults:
     """Run (or, with ``resume``, finish) one experiment; return what it measured.
@@ -499,8 +537,17 @@ def run_experiment(
         pool_dir: where the phantom pool lives (a grid shares one between its cells).
         cache_dir: the preprocessed-slice cache (content-keyed, so a grid's cells share one).
         variant: a grid cell's settings, shown in the report.
+        eval_sites: real sites that take no part in training, every subject of which is
+            evaluated like a held-out subject (named ``unseen-<folder>``): leave one site out.
     """
     folder = Path(folder or config.run_dir)
+    trained_on = {Path(p).resolve() for p in pool_sites}
+    for site_dir in eval_sites:
+        if Path(site_dir).resolve() in trained_on:
+            raise ExperimentError(
+                f"--eval-site {site_dir} is also a training --site: an unseen site must not be "
+                "trained on"
+            )
     prepare_folder(folder, resume=resume, overwrite=overwrite)
     phases = Phases.open(folder)
     write_resolved_config(config, folder)
@@ -519,7 +566,7 @@ def run_experiment(
         for s in plan.sites
     }
     slices = count_slices(config, folders, cache)
-    tests = TestSets(config, folders, cache)
+    tests = TestSets(config, folders, cache, unseen=eval_sites)
     summary = plan.summary(
         {name: {**counts, "test": tests.slices.get(name, 0)} for name, counts in slices.items()}
     )
@@ -743,6 +790,7 @@ def run_grid(
     pool_sites: Sequence[Path] = (),
     resume: bool = False,
     overwrite: bool = False,
+    eval_sites: Sequence[Path] = (),
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Run every cell of ``simulation.grid`` one after another (a failed cell is recorded and
@@ -775,6 +823,7 @@ def run_grid(
                 pool_dir=folder / "pool",
                 cache_dir=folder / "cache",
                 variant=settings,
+                eval_sites=eval_sites,
                 echo=echo,
             )
         except Exception as exc:  # one failed cell must not lose the others
@@ -810,6 +859,14 @@ def simulate_command(
         Path | None,
         typer.Option(help="Keep each simulated site's own state on disk here (default: memory)."),
     ] = None,
+    eval_site: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--eval-site",
+            help="A real site that does not train, evaluated on all its subjects (repeat): "
+            "leave one site out.",
+        ),
+    ] = None,
     config: ConfigOption = None,
     preset: PresetOption = None,
     overrides: SetOption = None,
@@ -831,6 +888,7 @@ def simulate_command(
                 pool_sites=site or [],
                 resume=resume,
                 overwrite=overwrite,
+                eval_sites=eval_site or [],
                 echo=console.print,
             )
             console.print(f"done: {write}")
@@ -843,6 +901,7 @@ def simulate_command(
             resume=resume,
             overwrite=overwrite,
             state_root=state_root,
+            eval_sites=eval_site or [],
             echo=console.print,
         )
     except ConfigError as exc:
