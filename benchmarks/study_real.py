@@ -102,7 +102,12 @@ COMMON = [
 # any held-out score was seen; see BENCHMARKS.md for the measured time.
 SETTINGS: dict[str, list[str]] = {
     "cpu-small": ["federation.rounds=5", "federation.local_epochs=4"],
-    "gpu-paper": ["federation.rounds=20", "federation.local_epochs=5"],
+    # Ray gives a simulated site no GPU unless it reserves a share of one.
+    "gpu-paper": [
+        "federation.rounds=20",
+        "federation.local_epochs=5",
+        "simulation.gpus_per_site=0.25",
+    ],
 }
 VARIANT_SETTINGS: dict[str, list[str]] = {
     "dp": [
@@ -312,6 +317,25 @@ def fold_rows(study: Study, direction: str, fold: str) -> dict[str, dict[str, An
                 row["delta"] = variant_results.privacy.get("delta")
             rows[VARIANT_LABELS[variant]] = row
     return rows
+
+
+def round_curves(study: Study, direction: str) -> dict[str, dict[str, list[float]]]:
+    """Masked PSNR of the federated model on the left-out site after every round (round 0: the
+    untrained generator), per fold, and of the variants on the first fold."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    experiments: list[tuple[str, str | None]] = [(fold, None) for fold in study.folds]
+    experiments += [(study.folds[0], variant) for variant in study.variants]
+    for fold, variant in experiments:
+        folder = experiment_dir(study, direction, fold, variant)
+        if not (folder / "results.json").exists():
+            continue
+        unseen = unseen_name(study.sites[fold])
+        arm = VARIANT_LABELS[variant] if variant else FEDERATED
+        curves.setdefault(arm, {})[fold] = [
+            float(point.per_site.get(unseen, {}).get("psnr_masked", math.nan))
+            for point in ExperimentResults.read(folder).rounds
+        ]
+    return curves
 
 
 def summarise(per_fold: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -705,6 +729,21 @@ def direction_section(
         cells = ", ".join(f"{m['site']} {m['metrics']['psnr_masked']:.2f}" for m in models)
         rows.append([fold, cells or "-"])
     lines += _table(["left out", "local-only models"], rows)
+    curves = entry.get("rounds", {})
+    if curves:
+        length = max(len(c) for arm in curves.values() for c in arm.values())
+        lines += [
+            "",
+            "Federated models on the left-out site after each round, masked PSNR (dB); round 0 "
+            "is the untrained generator:",
+            "",
+        ]
+        rows = [
+            [f"{arm}, {fold} left out", *(f"{v:.2f}" for v in values)]
+            for arm, by_fold in curves.items()
+            for fold, values in by_fold.items()
+        ]
+        lines += _table(["model", *(str(r) for r in range(length))], rows)
     dp = per_fold[folds[0]].get(VARIANT_LABELS["dp"], {})
     if dp.get("epsilon"):
         spent = ", ".join(f"{s} {e:.2f}" for s, e in sorted(dp["epsilon"].items()))
@@ -775,8 +814,10 @@ def write_report(study: Study, results: Mapping[str, Any], figures: Mapping[str,
         "",
         f"Preset `{study.preset}`; settings: `{'`, `'.join(results['settings'])}`"
         + (f"; overrides `{'`, `'.join(study.overrides)}`" if study.overrides else "")
-        + f". Machine: {results['machine']}. Time: {results['seconds'] / 60:.0f} min "
-        "(this invocation; a resumed study counts only its own part).",
+        + f". Machine: {results['machine']}. Compute: "
+        f"{sum(results['compute_seconds'].values()) / 60:.0f} min (every experiment's phases "
+        f"and the CT model's epochs, over all invocations); this invocation "
+        f"{results['seconds'] / 60:.1f} min.",
         "",
         "Protocol: benchmarks/README.md. Leave one site out: train on the other sites, evaluate "
         "on the left-out site's true pairs (unseen hospital). Every trained arm has the "
@@ -793,6 +834,20 @@ def write_report(study: Study, results: Mapping[str, Any], figures: Mapping[str,
     path = study.out / REPORT_NAME
     atomic_write_text(path, "\n".join(lines), READABLE)
     return path
+
+
+def compute_seconds(study: Study) -> dict[str, float]:
+    """Time spent on each part of the study, from the records its parts keep (so a study run in
+    several invocations is counted whole): every experiment's phases, the CT model's epochs."""
+    spent: dict[str, float] = {}
+    for phases in sorted(study.out.glob("*/fold-*/phases.json")):
+        done = json.loads(phases.read_text(encoding="utf-8")).get("done", {})
+        spent[str(phases.parent.relative_to(study.out))] = float(sum(done.values()))
+    history = study.out / "ct" / "model" / "metrics.jsonl"
+    if history.exists():
+        lines = history.read_text(encoding="utf-8").splitlines()
+        spent["ct"] = float(sum(json.loads(line).get("seconds", 0.0) for line in lines if line))
+    return spent
 
 
 def _clean(value: Any) -> Any:
@@ -833,6 +888,7 @@ def run_study(study: Study) -> dict[str, Any]:
             "per_fold": per_fold,
             "summary": summary,
             "goals": goals(summary, study.folds[0]),
+            "rounds": round_curves(study, direction),
         }
         figures[direction] = {}
         grid = mri_grid(study, direction, study.out / FIGURES / f"{slug(direction)}.png")
@@ -847,6 +903,7 @@ def run_study(study: Study) -> dict[str, Any]:
         results["ct"] = run_ct(study)
         figures["ct"] = ct_grid(study, results["ct"], study.out / FIGURES / "t1w-to-ct.png")
     results["seconds"] = time.perf_counter() - start
+    results["compute_seconds"] = compute_seconds(study)
     atomic_write_text(
         study.out / RESULTS_NAME, json.dumps(_clean(results), indent=2) + "\n", READABLE
     )

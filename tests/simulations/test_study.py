@@ -125,6 +125,12 @@ def test_study_runs_every_arm_resumes_and_refuses_other_settings(
     assert len(epsilon) == 2
     assert all(0 < e <= 8.0 + 1e-6 for e in epsilon.values())
 
+    # The per-round curve ends at the table's federated model.
+    curve = entry["rounds"][FEDERATED]["site-b"]
+    assert len(curve) == 2  # round 0 (untrained) and round 1
+    assert curve[-1] == entry["per_fold"]["site-b"][FEDERATED]["metrics"]["psnr_masked"]
+    assert curve[0] == entry["per_fold"]["site-b"]["untrained"]["metrics"]["psnr_masked"]
+
     # Goals are the differences of the table's means, judged against their thresholds.
     goal = next(g for g in entry["goals"] if g["goal"].startswith("federated within"))
     gap = summary[FEDERATED]["psnr_masked"]["mean"] - summary[POOLED]["psnr_masked"]["mean"]
