@@ -62,6 +62,7 @@ from common.config import RunConfig, load_config
 from common.data.discovery import discover_site
 from common.data.site import load_site
 from common.evaluation import evaluate_pairs, site_pairs
+from common.flower import FlowerError
 from common.io import READABLE, atomic_save, atomic_write_text
 from common.modalities import Direction, Modality
 from common.synthesis import Synthesizer
@@ -73,7 +74,7 @@ from simulations.results import (
     ExperimentResults,
     sample_key,
 )
-from simulations.run import run_experiment, unseen_name
+from simulations.run import ExperimentError, run_experiment, unseen_name
 
 logger = logging.getLogger(__name__)
 
@@ -965,6 +966,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StudyError, ValueError) as exc:
         print(f"study_real: {exc}", file=sys.stderr)
         return 2
+    except (ExperimentError, FlowerError) as exc:
+        print(
+            f"study_real: {exc}\nFinished experiments are kept: the same command continues.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
