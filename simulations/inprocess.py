@@ -15,7 +15,7 @@ same as a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). No
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -136,6 +136,7 @@ def simulate_in_process(
     *,
     resume: bool = False,
     state_root: Path | None = None,
+    echo: Callable[[str], None] = print,
     cache_dir: Path | None = None,
     site_misalignment: Sequence[str] = (),
 ) -> RunOutcome:
@@ -169,6 +170,7 @@ def simulate_in_process(
         for index in range(len(sites))
     }
     grid = InProcessGrid(nodes, run_config=run_config)
+    echo(f"in-process federation: {len(sites)} sites, one after another (no Flower processes)")
     coordinator = Coordinator(
         grid, config, run_dir, resume=resume, site_dirs=[str(s) for s in sites]
     )

@@ -328,27 +328,17 @@ def run_federated(
     done = latest_round(run_dir) if run_dir.exists() else None
     if done == config.federation.rounds:
         return run_dir
-    if config.simulation.engine == "inprocess":
-        outcome = simulate_in_process(
-            config,
-            list(train_dirs),
-            run_dir,
-            resume=resume and done is not None,
-            state_root=state_root,
-            cache_dir=cache,
-            site_misalignment=list(misalignment),
-        )
-    else:
-        outcome = simulate(
-            config,
-            list(train_dirs),
-            run_dir,
-            resume=resume and done is not None,
-            state_root=state_root,
-            echo=echo,
-            cache_dir=cache,
-            site_misalignment=list(misalignment),
-        )
+    engine = simulate_in_process if config.simulation.engine == "inprocess" else simulate
+    outcome = engine(
+        config,
+        list(train_dirs),
+        run_dir,
+        resume=resume and done is not None,
+        state_root=state_root,
+        echo=echo,
+        cache_dir=cache,
+        site_misalignment=list(misalignment),
+    )
     if outcome.stopped:
         echo(f"  the federation stopped early: {outcome.stopped}")
     elif outcome.status != "finished:completed":
