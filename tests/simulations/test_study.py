@@ -195,3 +195,18 @@ def test_study_refuses_missing_data_and_unknown_folds(data: Path, tmp_path: Path
     assert study_real.main(["--out", str(tmp_path / "s"), "--data", str(tmp_path)]) == 2
     assert _run(data, tmp_path / "s", "--folds", "site-z") == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_simulate_refuses_an_eval_site_it_also_trains_on(data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    site = data / "brain-mri" / "site-a"
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--site", str(site), "--site", str(data / "brain-mri" / "site-b"),
+         "--eval-site", str(site), "--run-dir", str(tmp_path / "x")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "is also a training --site" in result.output
