@@ -23,6 +23,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.models.discriminators import PatchDiscriminator
 from common.models.generators import ResnetGenerator, UnetGenerator, check_unet_size
+from common.models.intensity import PriorGenerator
 from common.models.registration import RegistrationNet
 
 __all__ = [
@@ -104,17 +105,23 @@ def define_generator(
         ValueError: if ``image_size`` does not suit the architecture.
     """
     net: nn.Module
+    prior = config.intensity_prior > 0
+    body_in = in_channels + 1 if prior else in_channels
+    if prior and in_channels != 1:
+        raise ValueError("model.intensity_prior maps one channel: it needs in_channels = 1")
     if config.generator == "unet":
         check_unet_size(image_size, config.unet_depth)
-        net = UnetGenerator(in_channels, out_channels, ngf=config.ngf, depth=config.unet_depth)
+        net = UnetGenerator(body_in, out_channels, ngf=config.ngf, depth=config.unet_depth)
     elif config.generator == "resnet":
         if image_size % 4:
             raise ValueError(
                 f"the ResNet generator needs image_size divisible by 4, found {image_size}"
             )
-        net = ResnetGenerator(in_channels, out_channels, ngf=config.ngf, n_blocks=config.n_blocks)
+        net = ResnetGenerator(body_in, out_channels, ngf=config.ngf, n_blocks=config.n_blocks)
     else:  # pragma: no cover - ModelConfig only allows the two above
         raise ValueError(f"unknown generator {config.generator!r}; allowed: resnet, unet")
+    if prior:
+        net = PriorGenerator(net, knots=config.intensity_prior)
     init_weights(net, seed=seed)
     logger.debug("generator %s: %d parameters", type(net).__name__, count_parameters(net))
     return net

@@ -13,6 +13,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.privacy import install_grad_samplers
 from common.config import ModelConfig
 from common.losses import (
     cycle_loss,
@@ -42,6 +43,7 @@ pytestmark = [
 ]
 
 SIZE = 32
+install_grad_samplers()  # as the product does before wrapping (the intensity prior's sampler)
 TINY = ModelConfig(ngf=8, n_blocks=2, ndf=8, d_layers=2, unet_depth=3, registration_filters=4)
 CONV = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -53,6 +55,9 @@ def tiny(**changes: object) -> ModelConfig:
 NETWORKS: dict[str, Callable[[], nn.Module]] = {
     "resnet": lambda: define_generator(tiny(generator="resnet"), SIZE, seed=0),
     "unet": lambda: define_generator(tiny(generator="unet"), SIZE, seed=0),
+    "resnet-prior": lambda: define_generator(
+        tiny(generator="resnet", intensity_prior=9), SIZE, seed=0
+    ),
     "patch-d1": lambda: define_discriminator(tiny(d_layers=1), seed=0),
     "patch-d2": lambda: define_discriminator(tiny(d_layers=2), seed=0),
     "patch-d3": lambda: define_discriminator(tiny(d_layers=3), seed=0),
@@ -233,14 +238,16 @@ def test_one_dp_sgd_step(name: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
-@pytest.mark.parametrize("kind", ["resnet", "unet"])
-def test_per_sample_gradients_of_a_generator_used_three_times(kind: str, mode: str) -> None:
+@pytest.mark.parametrize(("kind", "prior"), [("resnet", 0), ("unet", 0), ("unet", 9)])
+def test_per_sample_gradients_of_a_generator_used_three_times(
+    kind: str, prior: int, mode: str
+) -> None:
     """CycleGAN runs G_AB three times a step: G_AB(a), G_AB(G_BA(b)), G_AB(b).
 
     Opacus' per-sample gradients (summed over the three uses) must match the gradients of each
     example's own loss computed one example at a time.
     """
-    config = tiny(generator=kind)
+    config = tiny(generator=kind, intensity_prior=prior)
     g_ab = define_generator(config, SIZE, seed=1).double()
     g_ba = define_generator(config, SIZE, seed=2).double()
     d_b = define_discriminator(config, seed=3).double()
