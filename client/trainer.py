@@ -4,7 +4,9 @@
 call them G, F, D_Y, D_X) and, when the data is misaligned, the RegGAN registration network R
 (Kong et al. 2021), each with its own Adam optimiser and learning-rate schedule. One optimiser per
 network keeps two later needs simple: per-network gradient clipping and per-network Opacus
-wrapping (every network that sees a real image gets its own private optimiser).
+wrapping (every network that sees a real image gets its own private optimiser). The generators'
+objective depends on the kind of each example (weakly paired: pix2pix or RegGAN NC+R; unpaired:
+CycleGAN) and lives in :mod:`client.objectives`; R only ever sees paired examples.
 
 Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`client.privacy`) every network is an
 Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
@@ -13,11 +15,15 @@ Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
   (so the generator's backward does not accumulate per-sample gradients in D); without DP it turns
   off ``requires_grad`` instead (saving work);
 * gradients are cleared with ``set_to_none=True`` right before each network's own backward;
-* every loss is a mean over batch and pixels (Opacus' ``loss_reduction="mean"``);
+* every loss is a mean over examples of each example's own loss (Opacus' ``loss_reduction=
+  "mean"``);
 * the image pool is off (it would mix one example's fake into another step's gradient);
-* a Poisson batch larger than ``privacy.max_physical_batch_size`` is processed in chunks whose
-  clipped per-sample gradients are summed before one noisy step (Opacus' ``signal_skip_step``
-  mechanism, as in its ``BatchMemoryManager``, applied to all optimisers of the step at once);
+* a Poisson batch is processed in chunks of one kind of example each (paired, unpaired; at most
+  ``privacy.max_physical_batch_size`` examples) whose clipped per-sample gradients are summed
+  before one noisy step (Opacus' ``signal_skip_step`` mechanism, as in its
+  ``BatchMemoryManager``, applied to all optimisers of the step at once); a network with no
+  forward pass in a chunk (R in an unpaired one) adds an empty per-sample gradient, so it still
+  takes its noise step when the whole batch held no example for it;
 * the FedProx term, which reads no data, is added to the privatised gradient after the noise.
 """
 
@@ -47,18 +53,12 @@ from torch import nn
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
 
+from client.objectives import Examples, Objective, generator_objective, merge_metrics
 from common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from common.device import resolve_device
 from common.io import atomic_save
-from common.losses import (
-    cycle_loss,
-    discriminator_loss,
-    generator_adversarial_loss,
-    identity_loss,
-    registration_correction_loss,
-    smoothness_loss,
-)
-from common.models import define_cyclegan, flow_to_pixels
+from common.losses import discriminator_loss
+from common.models import define_cyclegan
 
 if TYPE_CHECKING:
     from client.privacy import NoisePlan, SiteAccountant
@@ -162,6 +162,7 @@ class CycleGANTrainer:
         self.config = training
         self.image_size = image_size
         self.registration = training.registration == "on" if registration is None else registration
+        self.generator_names = ["g_ab", "g_ba"] + (["r"] if self.registration else [])
         self.device = resolve_device(device if device is not None else training.device)
         self.use_bf16 = bool(training.bf16 and self.device.type == "cuda")
         if self.device.type == "cuda":
@@ -326,17 +327,18 @@ class CycleGANTrainer:
                 param.grad.add_(param.detach() - start, alpha=self.proximal_mu)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One CycleGAN update of the generators (and R), then of both discriminators.
+        """One update of the generators (and R), then of both discriminators.
 
-        Under DP ``batch`` is a Poisson batch (possibly empty) and the step is recorded by the
-        site's accountant.
+        ``batch``: ``"a"``, ``"b"``, optional ``"a_mask"``, ``"b_mask"``, ``"paired"`` (see
+        :class:`~client.objectives.Examples`). Under DP a Poisson batch (possibly empty), and
+        the step is recorded by the site's accountant.
         """
         for net in self.nets.values():
             net.train()
         if not self.private:
-            real_a = batch["a"].to(self.device, non_blocking=True)
-            real_b = batch["b"].to(self.device, non_blocking=True)
-            metrics = self._update(real_a, real_b)
+            examples = Examples.from_batch(batch, self.device)
+            metrics, fake_a, fake_b = self._generator_update(examples)
+            metrics.update(self._discriminator_update(examples.a, examples.b, fake_a, fake_b))
         else:
             metrics = self._private_update(batch)
         self.step += 1
@@ -356,62 +358,48 @@ class CycleGANTrainer:
                 optimizer.zero_grad(set_to_none=True)
             self.accountant.step(self.plan)
             return {"batch_size": 0.0}
-        chunk = self.privacy.max_physical_batch_size or size
-        starts = list(range(0, size, chunk))
-        totals: dict[str, float] = {}
-        for index, begin in enumerate(starts):
-            last = index == len(starts) - 1
-            for optimizer in self.optimizers.values():
-                optimizer.signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
-            real_a = batch["a"][begin : begin + chunk].to(self.device, non_blocking=True)
-            real_b = batch["b"][begin : begin + chunk].to(self.device, non_blocking=True)
-            part = self._update(real_a, real_b)
-            weight = real_a.shape[0] / size
-            for key, value in part.items():
-                totals[key] = totals.get(key, 0.0) + weight * value
+        limit = self.privacy.max_physical_batch_size or size
+        # Generators (and R): one kind of example per chunk, since a hooked module must see one
+        # batch size per backward. Neither G nor D moves before its last chunk, so every fake
+        # comes from the step's starting G and every score from its starting D, as without DP.
+        chunks = Examples.from_batch(batch, self.device).chunks(limit)
+        parts, fakes = [], []
+        for index, chunk in enumerate(chunks):
+            self._skip_unless(index == len(chunks) - 1, self.generator_names)
+            metrics, fake_a, fake_b = self._generator_update(chunk)
+            parts.append((len(chunk), metrics))
+            fakes.append((chunk.a, chunk.b, fake_a, fake_b))
+        # Discriminators read any kind alike: chunks of ``limit`` examples over the whole batch.
+        real_a, real_b, fake_a, fake_b = (torch.cat(column) for column in zip(*fakes, strict=True))
+        for begin in range(0, size, limit):
+            end = begin + limit
+            self._skip_unless(end >= size, ("d_a", "d_b"))
+            metrics = self._discriminator_update(
+                real_a[begin:end], real_b[begin:end], fake_a[begin:end], fake_b[begin:end]
+            )
+            parts.append((min(end, size) - begin, metrics))
         self.accountant.step(self.plan)
+        totals = merge_metrics(parts)
         totals["batch_size"] = float(size)
         return totals
 
-    def generator_loss(
-        self, real_a: torch.Tensor, real_b: torch.Tensor, metrics: dict[str, float]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The generators' (and R's) loss on a batch: adversarial + cycle + identity (+ RegGAN).
+    def _skip_unless(self, last: bool, names: Iterable[str]) -> None:
+        """Under DP: the named optimisers only clip and accumulate, unless ``last`` (then step)."""
+        for name in names:
+            self.optimizers[name].signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
 
-        Returns ``(loss, fake_a, fake_b)``; losses go into ``metrics``. Call it with D frozen.
-        The FedProx term is not included. A mean over examples, so the loss of a batch of one is
-        that example's own loss (what the DP tests compare per-sample gradients against).
+    def generator_loss(self, batch: Batch | Examples) -> Objective:
+        """The generators' (and R's) objective on a batch, chosen per example kind.
+
+        See :func:`client.objectives.generator_objective`. Call it with D frozen. The FedProx
+        term is not included. A mean over examples, so the loss of a batch of one is that
+        example's own loss (what the DP tests compare per-sample gradients against).
         """
-        cfg = self.config
+        examples = batch if isinstance(batch, Examples) else Examples.from_batch(batch, self.device)
         with self._autocast():
-            fake_b = self.g_ab(real_a)
-            fake_a = self.g_ba(real_b)
-            loss_gan = generator_adversarial_loss(
-                cfg.gan_loss, self.nets["d_b"](fake_b)
-            ) + generator_adversarial_loss(cfg.gan_loss, self.nets["d_a"](fake_a))
-            loss_cycle = cycle_loss(self.g_ba(fake_b), real_a) + cycle_loss(
-                self.g_ab(fake_a), real_b
+            return generator_objective(
+                self.nets, examples, self.config, registration=self.registration
             )
-            loss_g = loss_gan + cfg.lambda_cycle * loss_cycle
-            if cfg.lambda_identity > 0:
-                loss_idt = identity_loss(self.g_ab(real_b), real_b) + identity_loss(
-                    self.g_ba(real_a), real_a
-                )
-                loss_g = loss_g + cfg.lambda_identity * loss_idt
-                metrics["loss_identity"] = _value(loss_idt)
-            if self.registration:
-                warped, flow = self.nets["r"](fake_b, real_b)
-                loss_reg = registration_correction_loss(warped, real_b)
-                # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
-                loss_smooth = smoothness_loss(flow_to_pixels(flow))
-                loss_g = (
-                    loss_g + cfg.lambda_registration * loss_reg + cfg.lambda_smooth * loss_smooth
-                )
-                metrics["loss_registration"] = _value(loss_reg)
-                metrics["loss_smooth"] = _value(loss_smooth)
-        metrics["loss_gan"] = _value(loss_gan)
-        metrics["loss_cycle"] = _value(loss_cycle)
-        return loss_g, fake_a, fake_b
 
     def discriminator_loss(self, name: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """D_A's or D_B's loss: real vs (pooled, detached) fake."""
@@ -419,15 +407,18 @@ class CycleGANTrainer:
             net = self.nets[name]
             return discriminator_loss(self.config.gan_loss, net(real), net(fake.float()))
 
-    def _update(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
-        generator_names = ["g_ab", "g_ba"] + (["r"] if self.registration else [])
-        metrics: dict[str, float] = {}
-
+    def _generator_update(
+        self, examples: Examples
+    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """Back-propagate the generators' objective and step them; return metrics and fakes."""
+        generator_names = self.generator_names
         for name in generator_names:
             self.optimizers[name].zero_grad(set_to_none=True)
         # D is frozen through the backward too: its Opacus hooks must stay off until then.
         with self._frozen("d_a", "d_b"):
-            loss_g, fake_a, fake_b = self.generator_loss(real_a, real_b, metrics)
+            objective = self.generator_loss(examples)
+            metrics = dict(objective.metrics)
+            loss_g = objective.loss
             if self._anchor:
                 if self.private:  # added to the noisy gradient instead (data-free)
                     with torch.no_grad():
@@ -437,11 +428,25 @@ class CycleGANTrainer:
                     loss_g = loss_g + self.proximal_mu / 2 * loss_prox
                 metrics["loss_proximal"] = _value(loss_prox)
             loss_g.backward()
-        self._clip_and_step(generator_names, metrics)
+        if self.private:
+            from client.privacy import mark_empty_batch
 
-        # Discriminators: real vs (pooled) fake, each on its own graph.
-        pooled_b = self.pools["b"].query(fake_b.detach())
-        pooled_a = self.pools["a"].query(fake_a.detach())
+            for name in generator_names:
+                if name not in objective.used:  # R in an unpaired chunk: nothing to add
+                    mark_empty_batch(self.optimizers[name])
+            self._clip_and_step(generator_names, metrics)
+        else:
+            self._clip_and_step([n for n in generator_names if n in objective.used], metrics)
+        metrics["loss_g"] = _value(loss_g)
+        return metrics, objective.fake_a.detach(), objective.fake_b.detach()
+
+    def _discriminator_update(
+        self, real_a: torch.Tensor, real_b: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor
+    ) -> dict[str, float]:
+        """D_B: real b vs (pooled) fake b; D_A: real a vs fake a; both kinds of example alike."""
+        metrics: dict[str, float] = {}
+        pooled_b = self.pools["b"].query(fake_b)
+        pooled_a = self.pools["a"].query(fake_a)
         for name, real, fake in (("d_b", real_b, pooled_b), ("d_a", real_a, pooled_a)):
             self.optimizers[name].zero_grad(set_to_none=True)
             loss_d = self.discriminator_loss(name, real, fake)
@@ -449,8 +454,6 @@ class CycleGANTrainer:
             self._clip_and_step([name], metrics)
             self.optimizers[name].zero_grad(set_to_none=True)
             metrics[f"loss_{name}"] = _value(loss_d)
-
-        metrics["loss_g"] = _value(loss_g)
         return metrics
 
     def train_epoch(

@@ -1,10 +1,13 @@
-"""Losses of CycleGAN (Zhu et al., ICCV 2017) and RegGAN (Kong et al., NeurIPS 2021).
+"""Losses of CycleGAN (Zhu et al., ICCV 2017), pix2pix (Isola et al., CVPR 2017) and RegGAN
+(Kong et al., NeurIPS 2021), with optional per-pixel weights (head vs background).
 
-Every loss here is a mean over the batch and over every pixel (or patch score), never a sum.
-Each example of a batch contributes the same number of elements, so the loss of a batch equals
-the mean of the examples' own losses: exactly what Opacus assumes with ``loss_reduction="mean"``
-(it rescales the gradients by the batch size to recover each example's gradient before clipping).
-The weights (``TrainingConfig.lambda_*``) are applied by the caller.
+Every loss here is a mean over the examples of each example's own loss, never a sum: without
+weights a mean over batch and pixels (or patch scores), each example contributing the same number
+of elements; with weights (:func:`pixel_weights`) each example's weighted sum is divided by that
+example's own sum of weights first. Either way the loss of a batch equals the mean of the
+examples' own losses: exactly what Opacus assumes with ``loss_reduction="mean"`` (it rescales the
+gradients by the batch size to recover each example's gradient before clipping). The weights
+(``TrainingConfig.lambda_*``) are applied by the caller.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ __all__ = [
     "discriminator_loss",
     "generator_adversarial_loss",
     "identity_loss",
+    "paired_l1_loss",
+    "pixel_weights",
     "registration_correction_loss",
     "smoothness_loss",
+    "weighted_l1_loss",
 ]
 
 
@@ -104,26 +110,91 @@ def generator_adversarial_loss(kind: str | GanLossKind, fake_pred: torch.Tensor)
     return _real_or_fake_loss(loss_kind, fake_pred, True)
 
 
-def cycle_loss(reconstructed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Cycle-consistency loss of Zhu et al.: L1 between ``G_BA(G_AB(a))`` and ``a`` (weight 10)."""
-    return F.l1_loss(reconstructed, original)
+def pixel_weights(mask: torch.Tensor | None, background_weight: float) -> torch.Tensor | None:
+    """Per-pixel loss weights ``mask + background_weight * (1 - mask)``.
+
+    Head (or brain) pixels weigh 1 and background pixels ``background_weight``, so that a slice's
+    loss measures its anatomy rather than the 67-81 % of it that is background.
+
+    Args:
+        mask: ``(batch, 1, H, W)`` head mask in [0, 1], or ``None`` (every pixel in the head).
+        background_weight: weight of a pixel outside the mask, in [0, 1].
+
+    Returns:
+        The weights, shaped like ``mask``; ``None`` for ``mask=None`` (all weights 1: the
+        weighted losses below are then the plain means).
+    """
+    if not 0.0 <= background_weight <= 1.0:
+        raise ValueError(f"background_weight must be in [0, 1], found {background_weight}")
+    if mask is None:
+        return None
+    return mask + background_weight * (1.0 - mask)
 
 
-def identity_loss(same: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+def weighted_l1_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over examples of each example's weighted mean absolute difference.
+
+    For example ``n``: ``sum(w_n * |x_n - y_n|) / sum(w_n)`` over channels and pixels, with
+    ``weight`` broadcast over the channels; then the mean over ``n``. An example whose weights
+    are all 0 (an empty mask with background weight 0) contributes 0 and no gradient.
+    ``weight=None`` is the plain mean over every element (``F.l1_loss``).
+
+    Args:
+        prediction: ``(batch, C, H, W)``.
+        target: same shape.
+        weight: ``(batch, 1, H, W)`` or ``(batch, C, H, W)`` non-negative weights, or ``None``.
+    """
+    if weight is None:
+        return F.l1_loss(prediction, target)
+    difference = (prediction.float() - target.float()).abs()
+    weight = weight.float().expand_as(difference)
+    total = (weight * difference).flatten(1).sum(dim=1)
+    norm = weight.flatten(1).sum(dim=1)
+    return (total / norm.clamp_min(torch.finfo(norm.dtype).eps)).mean()
+
+
+def cycle_loss(
+    reconstructed: torch.Tensor, original: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cycle-consistency loss of Zhu et al.: L1 between ``G_BA(G_AB(a))`` and ``a`` (weight 10).
+
+    ``weight``: per-pixel weights of ``original`` (:func:`pixel_weights` of its mask).
+    """
+    return weighted_l1_loss(reconstructed, original, weight)
+
+
+def identity_loss(
+    same: torch.Tensor, original: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Identity loss of Zhu et al. (after Taigman et al. 2017): L1 between ``G_AB(b)`` and ``b``.
 
     A generator fed an image of its own output domain should leave it unchanged (weight 5, i.e.
-    0.5 x the cycle weight, as in the CycleGAN code).
+    0.5 x the cycle weight, as in the CycleGAN code). ``weight``: per-pixel weights of ``original``.
     """
-    return F.l1_loss(same, original)
+    return weighted_l1_loss(same, original, weight)
 
 
-def registration_correction_loss(warped_fake: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def paired_l1_loss(
+    fake: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """pix2pix's supervised loss (Isola et al. 2017): L1 between ``G_AB(a)`` and its paired ``b``.
+
+    Isola et al. weigh it 100 against an adversarial weight of 1. ``weight``: per-pixel weights
+    of ``target``.
+    """
+    return weighted_l1_loss(fake, target, weight)
+
+
+def registration_correction_loss(
+    warped_fake: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """RegGAN's correction loss: L1 between ``R``-warped ``G_AB(a)`` and the misaligned ``b``.
 
-    Kong et al. (2021) weigh it 20.
+    Kong et al. (2021) weigh it 20. ``weight``: per-pixel weights of ``target``.
     """
-    return F.l1_loss(warped_fake, target)
+    return weighted_l1_loss(warped_fake, target, weight)
 
 
 def smoothness_loss(flow: torch.Tensor) -> torch.Tensor:

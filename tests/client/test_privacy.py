@@ -69,12 +69,25 @@ def _private(
     return trainer
 
 
-def _examples(count: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _examples(
+    count: int, seed: int = 0, paired: list[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Random examples; with ``paired``, that kind per example and random head masks too."""
     generator = torch.Generator().manual_seed(seed)
-    return {
+    batch = {
         "a": torch.rand(count, 1, SIZE, SIZE, generator=generator) * 2 - 1,
         "b": torch.rand(count, 1, SIZE, SIZE, generator=generator) * 2 - 1,
     }
+    if paired is not None:
+        assert len(paired) == count
+        batch["paired"] = torch.tensor(paired)
+        for key in ("a_mask", "b_mask"):
+            batch[key] = (torch.rand(count, 1, SIZE, SIZE, generator=generator) < 0.4).float()
+    return batch
+
+
+# A mixed batch: R's chunk (the paired examples) and a chunk without R in one noisy step.
+MIXED = [1.0, 0.0, 1.0]
 
 
 def _capture(trainer: CycleGANTrainer) -> dict[str, list[torch.Tensor]]:
@@ -103,11 +116,17 @@ def _per_example_grads(
     grads: dict[str, list[list[torch.Tensor]]] = {name: [] for name in trainer.nets}
     generators = [n for n in trainer.nets if not n.startswith("d_")]
     for i in range(batch["a"].shape[0]):
-        a, b = batch["a"][i : i + 1], batch["b"][i : i + 1]
-        loss, fake_a, fake_b = trainer.generator_loss(a, b, {})
+        one = {key: value[i : i + 1] for key, value in batch.items()}
+        a, b = one["a"], one["b"]
+        objective = trainer.generator_loss(one)
+        loss, fake_a, fake_b = objective.loss, objective.fake_a, objective.fake_b
         for name in generators:
             params = list(trainer.nets[name].parameters())
-            grads[name].append(list(torch.autograd.grad(loss, params, retain_graph=True)))
+            got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            # R has no part in an unpaired example's loss: its gradient there is zero.
+            grads[name].append(
+                [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
+            )
         for name, real, fake in (("d_b", b, fake_b.detach()), ("d_a", a, fake_a.detach())):
             params = list(trainer.nets[name].parameters())
             loss_d = trainer.discriminator_loss(name, real, fake)
@@ -125,9 +144,10 @@ def test_clipped_sum_equals_a_batch_of_one_loop(registration: bool, clip: float)
     """Opacus' clipped per-sample sum (noise 0) against clipping each example's own gradient.
 
     ``clip = 0.05`` clips every example; ``1e6`` clips none, so the per-sample gradients
-    themselves (three uses of each generator per step) are checked too.
+    themselves (three uses of each generator per step) are checked too. With registration the
+    batch mixes paired and unpaired examples (two chunks of one noisy step, R in one of them).
     """
-    batch = _examples(BATCH)
+    batch = _examples(BATCH, paired=MIXED) if registration else _examples(BATCH)
     private = _private(_privacy(max_grad_norm=clip), registration=registration)
     plain = CycleGANTrainer(TINY, _training(), SIZE, registration=registration)
     reference = _per_example_grads(plain, batch)
@@ -139,11 +159,16 @@ def test_clipped_sum_equals_a_batch_of_one_loop(registration: bool, clip: float)
         clipped = []
         for grad in per_example:
             norm = _norm(grad)
-            factor = min(1.0, clip / norm)
+            factor = min(1.0, clip / norm) if norm > 0 else 1.0
             assert norm * factor <= clip * (1 + 1e-6), name
             clipped.append([g.double() * factor for g in grad])
         if clip < 1:
-            assert all(_norm(g) > clip for g in per_example), f"{name}: no clipping happened"
+            # Every example is clipped, except R's unpaired ones: exactly zero, R never saw them.
+            unpaired = {i for i, p in enumerate(MIXED) if not p} if name == "r" else set()
+            assert all(_norm(g) == 0 for i, g in enumerate(per_example) if i in unpaired), name
+            assert all(_norm(g) > clip for i, g in enumerate(per_example) if i not in unpaired), (
+                f"{name}: no clipping happened"
+            )
         expected = [sum(parts) / BATCH for parts in zip(*clipped, strict=True)]
         for got, want in zip(seen[name], expected, strict=True):
             # float32 sums of many terms: tolerance relative to the tensor's scale
@@ -210,7 +235,7 @@ def test_every_trainable_parameter_is_under_per_sample_processing() -> None:
         assert {id(p) for p in optimizer.params} == {id(p) for p in trainable}, name
         assert optimizer.noise_multiplier == private.plan.noise_multiplier  # type: ignore[union-attr]
         optimizer.attach_step_hook(hook(name))
-    private.train_step(_examples(BATCH))
+    private.train_step(_examples(BATCH, paired=MIXED))  # R gets the paired examples
     assert set(grad_samples) == set(private.nets)
     for name, flags in grad_samples.items():
         assert flags and all(flags), f"{name}: a parameter got no per-sample gradient"

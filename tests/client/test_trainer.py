@@ -178,11 +178,18 @@ def test_gradient_clipping_bounds_every_network() -> None:
         assert metrics[f"grad_norm_{name}"] > 1e-3  # the raw norm was larger: clipping acted
 
 
-def test_registration_trains_r_with_its_losses() -> None:
+def test_registration_trains_r_with_its_losses_on_paired_examples_only() -> None:
     trainer = CycleGANTrainer(TINY, _training(registration="on"), SIZE)
     assert "r" in trainer.nets and trainer.registration
     before = [p.clone() for p in trainer.nets["r"].parameters()]
+    # Unpaired examples (no "paired" key): R and its losses stay out of the step.
     metrics = trainer.train_step(_batches(1)[0])
+    assert "loss_registration" not in metrics and "loss_smooth" not in metrics
+    assert all(
+        torch.equal(b, p) for b, p in zip(before, trainer.nets["r"].parameters(), strict=True)
+    )
+    paired = {**_batches(1, seed=1)[0], "paired": torch.ones(2)}
+    metrics = trainer.train_step(paired)
     assert metrics["loss_registration"] > 0 and metrics["loss_smooth"] >= 0
     assert any(
         not torch.equal(b, p) for b, p in zip(before, trainer.nets["r"].parameters(), strict=True)
