@@ -5,8 +5,11 @@ epochs or steps, the FedProx weight, what to share, the wire precision, and the 
 resolved configuration). :class:`SiteSettings` is what only the hospital decides: where its data
 is, which device to use, where to keep its state. :func:`train_round` restores the site's own
 networks and optimisers (never sent anywhere), loads the global generators, trains and returns the
-update of the shared networks (trained minus received) and scalar metrics. :func:`evaluate_round`
-scores the global generators on the site's paired subjects.
+update of the shared networks (trained minus received) and scalar metrics. Both hold out the
+same validation part of the site's weakly paired data (:func:`common.data.validation.hold_out`,
+``data.validation_fraction``, seeded by ``training.seed``): :func:`train_round` trains on the
+rest, and :func:`evaluate_round` scores the global generators on that part only, so the
+coordinator can choose a round without looking at any test site.
 
 A site keeps one state file per round it trained (the last three), so that a coordinator that
 crashed mid-round and resumed from the previous round finds the state that round started from: a
@@ -33,18 +36,18 @@ from client.privacy import (
     BudgetSpentError,
     check_budget,
     clip_update,
-    group_size,
     patient_epsilon,
     plan_noise,
     poisson_loader,
 )
 from client.trainer import CycleGANTrainer
 from common.config import RunConfig
-from common.data.datasets import UnpairedSlices
+from common.data.datasets import TrainingSlices, training_set
 from common.data.errors import BadScansError, EmptySiteError, MissingModalityError
 from common.data.misalign import SEVERITIES as MISALIGNMENT_LEVELS
 from common.data.site import SiteData, load_site
-from common.evaluation import evaluate_pairs, site_pairs
+from common.data.validation import hold_out, validation_pairs
+from common.evaluation import evaluate_pairs
 from common.federation import (
     EVALUATE_METRICS,
     SHARED_NETS,
@@ -211,8 +214,8 @@ class MemoryStore:
             del self.blobs[key]
 
 
-def _load_site(settings: SiteSettings, config: RunConfig, *, paired: bool = False) -> SiteData:
-    data = config.data.model_copy(update={"paired": True}) if paired else config.data
+def _load_site(settings: SiteSettings, config: RunConfig) -> SiteData:
+    data = config.data
     try:
         return load_site(
             settings.data_dir, data, cache_dir=settings.cache_dir, seed=config.training.seed
@@ -232,6 +235,13 @@ def _load_site(settings: SiteSettings, config: RunConfig, *, paired: bool = Fals
             f"{len(exc.errors)} unusable scan(s) and data.skip_bad is off "
             "(the site's log names them)"
         ) from None
+
+
+def _split_site(settings: SiteSettings, config: RunConfig) -> SiteData:
+    """The site with its validation part held out (the same split every round and message)."""
+    return hold_out(
+        _load_site(settings, config), config.data.validation_fraction, config.training.seed
+    )
 
 
 def _trainer(settings: SiteSettings, config: RunConfig) -> CycleGANTrainer:
@@ -265,7 +275,7 @@ def _loader_seed(config: RunConfig, round_number: int, epoch: int) -> int:
 
 
 def _loader(
-    dataset: UnpairedSlices, config: RunConfig, round_number: int, epoch: int
+    dataset: TrainingSlices, config: RunConfig, round_number: int, epoch: int
 ) -> DataLoader:
     batch = config.training.batch_size
     return DataLoader(
@@ -306,20 +316,20 @@ def train_round(
         )
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    site = _load_site(settings, config)
-    dataset = UnpairedSlices(
-        site.domain_a,
-        site.domain_b,
+    site = _split_site(settings, config)  # train on the training part only
+    dataset = training_set(
+        [site],
         misalignment=settings.misalignment or config.data.misalignment,
+        augment_gamma=config.data.augment_gamma,
         seed=config.training.seed,
     )
     trainer = _trainer(settings, config)
     logger.info(
-        "round %d: training %s on %d A and %d B slices, %s, lr %.2g, on %s",
+        "round %d: training %s on %d weakly paired and %d unpaired examples, %s, lr %.2g, on %s",
         instruction.round,
         config.data.direction,
-        site.slices_a,
-        site.slices_b,
+        dataset.paired_count,
+        dataset.unpaired_count,
         f"{instruction.local_steps} steps"
         if instruction.local_steps
         else f"{instruction.local_epochs} local epoch(s)",
@@ -428,7 +438,7 @@ def train_round(
         assert trainer.accountant is not None
         metrics["epsilon"] = trainer.epsilon()
         metrics["delta"] = config.privacy.delta
-        group = group_size(site.domain_a, site.domain_b)
+        group = dataset.max_examples_per_subject()
         logger.info(
             "round %d: epsilon %.3f at delta %g after %d DP steps (sigma %.3f, q %.5f); a whole "
             "patient (up to %d examples): epsilon %.1f (group privacy, stays at this site)",
@@ -484,14 +494,25 @@ def evaluate_round(
     instruction: RoundInstruction,
     global_state: Mapping[str, torch.Tensor],
 ) -> dict[str, float]:
-    """Paired evaluation of the global generators on this site's subjects with both modalities."""
+    """Paired evaluation of the global generators on this site's validation part only.
+
+    ``num-examples`` is the number of validation slice positions scored (the coordinator's
+    weight); the metrics are means over the validation sessions, as :func:`evaluate_pairs` gives.
+    """
     start = time.perf_counter()
     config = instruction.config()
-    try:
-        name, pairs = site_pairs(settings.data_dir, config.data, settings.cache_dir)
-    except ValueError:
+    site = _split_site(settings, config)
+    if not site.paired and not site.validation:
         logger.info("no paired subjects at this site: nothing to evaluate")
-        raise SiteError("no subject with both modalities: nothing to evaluate") from None
+        raise SiteError("no subject with both modalities: nothing to evaluate")
+    pairs = validation_pairs(site)
+    if not pairs:
+        logger.info(
+            "no validation data held out (data.validation_fraction = %g): nothing to evaluate",
+            config.data.validation_fraction,
+        )
+        raise SiteError("no validation data held out at this site: nothing to evaluate")
+    name = site.name
     trainer = _trainer(settings, config)
     _load_global(trainer, global_state, instruction.share)
     chunk = 4 * config.training.batch_size

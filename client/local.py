@@ -5,6 +5,14 @@ their numbers are comparable with a federated run's. A run folder holds the reso
 ``metrics.jsonl`` (one line per epoch), the resumable trainer state, the checkpoint (rewritten
 after every epoch, atomically) and, when the sites have paired subjects, ``evaluation.json``.
 
+Every site keeps a validation part of its weakly paired data out of training
+(:func:`common.data.validation.hold_out`, ``data.validation_fraction``, seeded by
+``training.seed``, the same split a federated site makes). After every epoch the generators are
+scored on it (masked PSNR, the mean over each site's validation sessions, weighted across sites
+by validation slices, as the coordinator weights its sites); the best epoch's generators are
+kept in ``checkpoint-best/`` (same format as ``checkpoint/``, its metadata carrying the score)
+and described in ``best.json``. A resumed run keeps the best so far. Ties keep the earlier epoch.
+
 With ``privacy.level = "example"`` the run is DP-SGD (:mod:`client.privacy`) with the noise
 planned for ``training.epochs`` epochs; each epoch's line and the checkpoint carry the cumulative
 epsilon, and training stops early, with a warning, at the epoch that would pass
@@ -15,8 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +35,34 @@ from client.privacy import (
     BudgetSpentError,
     NoisePlan,
     check_budget,
-    group_size,
     patient_epsilon,
     plan_noise,
     poisson_loader,
 )
 from client.trainer import CycleGANTrainer
-from common.checkpoint import CheckpointMetadata, OutputScale, save_checkpoint
+from common.baselines import baseline_statistics
+from common.checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    OutputScale,
+    read_metadata,
+    save_checkpoint,
+)
 from common.config import RunConfig, write_resolved_config
-from common.data.datasets import UnpairedSlices
+from common.data.datasets import PairedSlices, TrainingSlices, training_set
 from common.data.site import SiteData, Volume, load_site
+from common.data.validation import hold_out, validation_pairs
 from common.evaluation import EvaluationReport, evaluate_pairs, site_pairs
+from common.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.pt"
 CHECKPOINT_DIR = "checkpoint"
+BEST_CHECKPOINT_DIR = "checkpoint-best"
+BEST_NAME = "best.json"
+VALIDATION_METRIC = "val_psnr_masked"  # the key in metrics.jsonl and the checkpoints' metrics
+VALIDATION_SOURCE = "the sites' validation data"
 
 
 @dataclass
@@ -51,6 +71,29 @@ class LocalRun:
     checkpoint: Path
     history: list[dict[str, float]]
     evaluations: list[EvaluationReport]
+    best_checkpoint: Path | None = None  # checkpoint-best/, None when nothing validated
+    best_epoch: int | None = None
+
+
+@dataclass
+class BestEpoch:
+    """The epoch whose generators ``checkpoint-best/`` holds (``best.json``).
+
+    Attributes:
+        epoch: the number of epochs trained when the checkpoint was taken (1-based).
+        score: its validation masked PSNR (dB), weighted across sites by validation slices.
+        per_site: each site's own validation masked PSNR at that epoch.
+        examples: each site's validation slices (the weights).
+        last_epoch: the last epoch considered.
+    """
+
+    epoch: int
+    score: float
+    per_site: dict[str, float]
+    examples: dict[str, float]
+    last_epoch: int = 0
+    metric: str = VALIDATION_METRIC
+    source: str = VALIDATION_SOURCE
 
 
 def output_scale(volumes: Sequence[Volume]) -> OutputScale:
@@ -62,7 +105,7 @@ def output_scale(volumes: Sequence[Volume]) -> OutputScale:
     return OutputScale(low=low, high=high, kind=kind)
 
 
-def make_loader(dataset: UnpairedSlices, config: RunConfig, epoch: int) -> DataLoader:
+def make_loader(dataset: TrainingSlices, config: RunConfig, epoch: int) -> DataLoader:
     """A loader whose shuffle depends only on (seed, epoch): resumed runs see the same order."""
     generator = torch.Generator().manual_seed(config.training.seed * 100_003 + epoch)
     batch = config.training.batch_size
@@ -77,10 +120,84 @@ def make_loader(dataset: UnpairedSlices, config: RunConfig, epoch: int) -> DataL
 
 
 def load_sites(site_dirs: Sequence[Path], config: RunConfig, cache_dir: Path) -> list[SiteData]:
+    """The sites as loaded, nothing held out (see :func:`training_sites`)."""
     return [
         load_site(Path(d), config.data, cache_dir=cache_dir, seed=config.training.seed)
         for d in site_dirs
     ]
+
+
+def training_sites(sites: Sequence[SiteData], config: RunConfig) -> list[SiteData]:
+    """Each site with its validation part held out, as a federated site holds it out."""
+    return [hold_out(s, config.data.validation_fraction, config.training.seed) for s in sites]
+
+
+def best_epoch(run_dir: Path) -> int | None:
+    """The epoch ``checkpoint-best/`` holds, from its metadata; None when there is none."""
+    best = _read_best(Path(run_dir))
+    return best.epoch if best is not None else None
+
+
+def _read_best(run_dir: Path) -> BestEpoch | None:
+    """The best epoch so far. The checkpoint's metadata is the truth (it is written before
+    ``best.json``); ``best.json`` adds the per-site detail when it describes the same epoch."""
+    folder = run_dir / BEST_CHECKPOINT_DIR
+    try:
+        meta = read_metadata(folder)
+    except CheckpointError:
+        return None
+    if meta.epoch is None or VALIDATION_METRIC not in meta.metrics:
+        return None
+    best = BestEpoch(meta.epoch, float(meta.metrics[VALIDATION_METRIC]), {}, {}, meta.epoch)
+    path = run_dir / BEST_NAME
+    if path.exists():
+        try:
+            saved = BestEpoch(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            saved = None
+        if saved is not None and saved.epoch == best.epoch:
+            best.per_site, best.examples = saved.per_site, saved.examples
+            best.last_epoch = max(best.last_epoch, saved.last_epoch)
+    return best
+
+
+def _translator(trainer: CycleGANTrainer, config: RunConfig) -> Callable[[np.ndarray], np.ndarray]:
+    chunk = 4 * config.training.batch_size
+
+    def translate(slices: np.ndarray) -> np.ndarray:
+        parts = [
+            trainer.translate(torch.from_numpy(slices[i : i + chunk])[:, None])[:, 0]
+            for i in range(0, len(slices), chunk)
+        ]
+        return torch.cat(parts).numpy()
+
+    return translate
+
+
+def validate(
+    trainer: CycleGANTrainer,
+    config: RunConfig,
+    validation: Mapping[str, list[tuple[str, PairedSlices]]],
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Score the generators on each site's validation sessions.
+
+    Returns:
+        (the slice-weighted mean over sites of each site's masked PSNR, per site that PSNR,
+        per site its validation slices).
+    """
+    translate = _translator(trainer, config)
+    per_site: dict[str, float] = {}
+    examples: dict[str, float] = {}
+    for name, pairs in validation.items():
+        report = evaluate_pairs(name, config.data.direction, pairs, translate)
+        value = report.mean.get("psnr_masked", float("nan"))
+        if not np.isfinite(value):
+            continue
+        per_site[name] = float(value)
+        examples[name] = float(sum(s.slices for s in report.subjects))
+    total = sum(examples.values())
+    score = sum(per_site[n] * examples[n] for n in per_site) / total if total > 0 else float("nan")
+    return score, per_site, examples
 
 
 def train_local(
@@ -103,24 +220,25 @@ def train_local(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
     cache_dir = config.data.cache_dir or run_dir / "cache"
-    sites = load_sites(site_dirs, config, cache_dir)
-    domain_a = [v for s in sites for v in s.domain_a]
+    sites = training_sites(load_sites(site_dirs, config, cache_dir), config)
+    validation = _validation_sets(sites)
     domain_b = [v for s in sites for v in s.domain_b]
     misalignment: str | list[str] = config.data.misalignment
     if site_misalignment is not None:
         if len(site_misalignment) != len(sites):
             raise ValueError(f"{len(site_misalignment)} misalignment levels for {len(sites)} sites")
-        misalignment = [
-            m for s, m in zip(sites, site_misalignment, strict=True) for _ in s.domain_b
-        ]
-    dataset = UnpairedSlices(
-        domain_a, domain_b, misalignment=misalignment, seed=config.training.seed
+        misalignment = list(site_misalignment)
+    dataset = training_set(
+        sites,
+        misalignment=misalignment,
+        augment_gamma=config.data.augment_gamma,
+        seed=config.training.seed,
     )
     logger.info(
-        "%s: %d A slices, %d B slices from %d site(s)",
+        "%s: %d weakly paired and %d unpaired examples from %d site(s)",
         config.data.direction,
-        len(dataset.a),
-        len(dataset.b),
+        dataset.paired_count,
+        dataset.unpaired_count,
         len(sites),
     )
 
@@ -166,8 +284,19 @@ def train_local(
         data=config.data,
         output_scale=output_scale(domain_b),
         sites=[s.name for s in sites],
+        # The training parts' intensity statistics: `fedsynth evaluate` scores the naive
+        # baselines beside this model from them (no image, see common.baselines).
+        baselines=baseline_statistics(sites),
     )
     checkpoint = run_dir / CHECKPOINT_DIR
+    best_folder = run_dir / BEST_CHECKPOINT_DIR
+    best = _read_best(run_dir) if resume else None
+    if validation:
+        logger.info(
+            "choosing the best epoch on %d site(s)' validation data%s",
+            len(validation),
+            f" (best so far: epoch {best.epoch}, {best.score:.2f} dB)" if best else "",
+        )
     history: list[dict[str, float]] = []
     while trainer.epoch < config.training.epochs:
         if plan is None:
@@ -188,32 +317,40 @@ def train_local(
         history += trainer.fit(loader, 1, progress=progress)
         if plan is not None:
             history[-1].update(epsilon=trainer.epsilon(), delta=config.privacy.delta)
+        score, per_site, examples = (
+            validate(trainer, config, validation) if validation else (float("nan"), {}, {})
+        )
+        if per_site:
+            history[-1][VALIDATION_METRIC] = score
         _append_jsonl(run_dir / "metrics.jsonl", history[-1])
         trainer.save_state(state_path)
         metadata.epoch, metadata.step = trainer.epoch, trainer.step
         metadata.metrics = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
+        if per_site:
+            metadata.metrics[VALIDATION_METRIC] = score
+            metadata.metrics.update({f"{n}/{VALIDATION_METRIC}": v for n, v in per_site.items()})
         if plan is not None:
-            metadata.privacy = _privacy_record(trainer, plan, config, domain_a, domain_b)
+            metadata.privacy = _privacy_record(trainer, plan, config, dataset)
         save_checkpoint(checkpoint, trainer.generators(), metadata)
+        if per_site and (best is None or score > best.score):
+            save_checkpoint(best_folder, trainer.generators(), metadata)
+            best = BestEpoch(trainer.epoch, score, per_site, examples)
+            logger.info("epoch %d: best so far, %.2f dB on %s", trainer.epoch, score, best.source)
+        if best is not None:
+            best.last_epoch = trainer.epoch
+            atomic_write_text(
+                run_dir / BEST_NAME, json.dumps(asdict(best), indent=2, sort_keys=True) + "\n"
+            )
 
     evaluations: list[EvaluationReport] = []
     if evaluate:
+        translate = _translator(trainer, config)
         for site_dir in site_dirs:
             try:
                 name, pairs = site_pairs(Path(site_dir), config.data, cache_dir)
             except ValueError as exc:
                 logger.info("no paired evaluation: %s", exc)
                 continue
-
-            def translate(
-                slices: np.ndarray, chunk: int = 4 * config.training.batch_size
-            ) -> np.ndarray:
-                parts = [
-                    trainer.translate(torch.from_numpy(slices[i : i + chunk])[:, None])[:, 0]
-                    for i in range(0, len(slices), chunk)
-                ]
-                return torch.cat(parts).numpy()
-
             report = evaluate_pairs(name, config.data.direction, pairs, translate)
             report.write(run_dir / f"evaluation-{name}.json")
             evaluations.append(report)
@@ -222,7 +359,25 @@ def train_local(
                 {f"{r.site}/{k}": v for r in evaluations for k, v in r.mean.items()}
             )
             save_checkpoint(checkpoint, trainer.generators(), metadata)
-    return LocalRun(run_dir, checkpoint, history, evaluations)
+    return LocalRun(
+        run_dir,
+        checkpoint,
+        history,
+        evaluations,
+        best_checkpoint=best_folder if best is not None else None,
+        best_epoch=best.epoch if best is not None else None,
+    )
+
+
+def _validation_sets(sites: Sequence[SiteData]) -> dict[str, list[tuple[str, PairedSlices]]]:
+    """Each site's validation sessions, by site name (sites without any left out)."""
+    out: dict[str, list[tuple[str, PairedSlices]]] = {}
+    for index, site in enumerate(sites):
+        pairs = validation_pairs(site)
+        if pairs:
+            name = site.name if site.name not in out else f"{site.name}-{index}"
+            out[name] = pairs
+    return out
 
 
 def _append_jsonl(path: Path, values: dict[str, float]) -> None:
@@ -234,12 +389,11 @@ def _privacy_record(
     trainer: CycleGANTrainer,
     plan: NoisePlan,
     config: RunConfig,
-    domain_a: Sequence[Volume],
-    domain_b: Sequence[Volume],
+    dataset: TrainingSlices,
 ) -> dict[str, float | int | str]:
     """What a local DP run spent, for its checkpoint (a pooled run is one data holder)."""
     assert trainer.accountant is not None
-    group = group_size(domain_a, domain_b)
+    group = dataset.max_examples_per_subject()
     steps = trainer.accountant.steps
     return {
         "level": "example",

@@ -15,10 +15,12 @@ Gaussian with noise multiplier ``sigma / sqrt(m)``. The accountant records exact
 step per training step with the *effective* multiplier. The D step after the G step sees fakes
 made from the same examples, so it adds no new example to the batch.
 
-**Unit of privacy.** One training example: the domain-A slice and the domain-B slice drawn at
-one index of :class:`~common.data.datasets.UnpairedSlices` (add/remove-one-example adjacency, as
-in Opacus). A patient contributes several slices; :func:`patient_epsilon` gives the group-privacy
-figure over all examples that hold any of that patient's slices.
+**Unit of privacy.** One training example: the domain-A slice and the domain-B slice at one
+index of :class:`~common.data.datasets.TrainingSlices` (a weakly paired slice position, or an
+unpaired A slice and its B partner; add/remove-one-example adjacency, as in Opacus). A patient
+contributes several slices; :func:`patient_epsilon` gives the group-privacy figure over all
+examples that hold any of that patient's slices
+(:meth:`~common.data.datasets.TrainingSlices.max_examples_per_subject`).
 
 The accountant (``rdp`` or ``prv``, Opacus) and the noise plan persist in the site's state
 between rounds, so epsilon is cumulative over the whole federation.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.accounting import RDP_ORDERS, epsilon_of
 from common.config import PrivacyConfig
-from common.data.site import Volume
+from common.models.intensity import IntensityMap, intensity_map_grad_sample
 
 logger = logging.getLogger(__name__)
 
@@ -213,24 +215,6 @@ class SiteAccountant:
         self.accountant.history = [(float(n), float(q), int(s)) for n, q, s in state["history"]]
 
 
-def group_size(domain_a: Sequence[Volume], domain_b: Sequence[Volume]) -> int:
-    """Most training examples one patient's slices can sit in during one epoch.
-
-    :class:`~common.data.datasets.UnpairedSlices` has ``N = max(n_a, n_b)`` examples; a slice of
-    the smaller domain is reused up to ``ceil(N / n)`` times.
-    """
-    n_a = sum(len(v.stack) for v in domain_a)
-    n_b = sum(len(v.stack) for v in domain_b)
-    total = max(n_a, n_b)
-    reuse_a, reuse_b = math.ceil(total / n_a), math.ceil(total / n_b)
-    per_subject: dict[str, int] = {}
-    for volumes, reuse in ((domain_a, reuse_a), (domain_b, reuse_b)):
-        for volume in volumes:
-            subject = volume.scan.subject
-            per_subject[subject] = per_subject.get(subject, 0) + len(volume.stack) * reuse
-    return max(per_subject.values())
-
-
 def patient_epsilon(
     plan: NoisePlan, steps: int, group: int, delta: float, orders: Iterable[float] = RDP_ORDERS
 ) -> float:
@@ -322,9 +306,11 @@ def _grouped_grad_sample(
 
 
 def install_grad_samplers() -> None:
-    """Use the grouped-convolution samplers for every ``Conv2d`` / ``ConvTranspose2d``."""
+    """Use the grouped-convolution samplers for every ``Conv2d`` / ``ConvTranspose2d``, and
+    register the intensity prior's exact sampler (:mod:`common.models.intensity`)."""
     _GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = conv2d_grad_sample
     _GradSampleModule.GRAD_SAMPLERS[nn.ConvTranspose2d] = conv_transpose2d_grad_sample
+    _GradSampleModule.GRAD_SAMPLERS[IntensityMap] = intensity_map_grad_sample
 
 
 def make_private(

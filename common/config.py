@@ -78,20 +78,44 @@ class DataConfig(_Section):
         0.05, ge=0.0, lt=1.0, description="Axial slices with less foreground are not used."
     )
     percentiles: tuple[float, float] = Field(
-        (0.5, 99.5), description="Intensities at these foreground percentiles map to -1 and 1."
+        (0.5, 99.5),
+        description="MR: the mask's first percentile maps to -1, and the scale is anchored on "
+        "its 75th percentile (mapped to -1/3; common.data.masks.standardisation_range), so "
+        "lesions and CSF do not set it. PET: both percentiles map to -1 and 1.",
     )
     ct_window_hu: tuple[float, float] = Field(
         (-1024.0, 2048.0), description="CT: this Hounsfield window maps to [-1, 1]."
     )
     misalignment: Misalignment = Field(
-        "none", description="Random affine applied to domain B slices (see common.data.misalign)."
+        "none",
+        description="Random affine augmentation (see common.data.misalign): drawn independently "
+        "for the two images of a weakly paired example, for B only in an unpaired one.",
     )
-    paired: bool = Field(
-        False, description="Draw A and B from the same subject and slice (evaluation only)."
+    augment_gamma: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Random gamma on each training source image, gamma = exp(U(-g, g)) on the "
+        "[0, 1] scale: robustness to other sites' intensity curves (0 = off).",
+    )
+    pairing: Literal["weak", "unpaired"] = Field(
+        "weak",
+        description="'weak': a session's two contrasts train as a weakly paired example (the "
+        "target resampled onto the source's grid by the scanner affines), the rest unpaired; "
+        "'unpaired': plain CycleGAN, no subject feeding both domains (for comparison).",
     )
     skip_bad: bool = Field(False, description="Skip unreadable or invalid scans with a warning.")
     cache_dir: Path | None = Field(
         None, description="Preprocessed-slice cache; default: <run or state dir>/cache."
+    )
+    validation_fraction: float = Field(
+        0.15,
+        ge=0.0,
+        le=0.5,
+        description="Share of a training site's weakly paired data held out of training to "
+        "choose the model on (the best round or epoch; common.data.validation): whole subjects "
+        "when the site has 4 or more paired subjects, else blocks of 4 axial slices per "
+        "session; 0 holds nothing out. Test sites are never split.",
     )
 
     @model_validator(mode="after")
@@ -112,6 +136,14 @@ class ModelConfig(_Section):
     """Networks (CycleGAN generators and discriminators; Zhu et al. 2017 names in comments)."""
 
     generator: Literal["resnet", "unet"] = "resnet"
+    intensity_prior: int = Field(
+        0,
+        ge=0,
+        le=257,
+        description="Knots of a learnt intensity lookup table the generator corrects "
+        "(common.models.intensity): the body sees [x, map(x)] and adds a residual to map(x). "
+        "0 = off (a plain generator).",
+    )
     ngf: int = Field(64, ge=4, le=512, description="Generator filters in the first layer.")
     n_blocks: int = Field(9, ge=1, le=32, description="Residual blocks (ResNet generator).")
     ndf: int = Field(64, ge=4, le=512, description="Discriminator filters in the first layer.")
@@ -122,6 +154,12 @@ class ModelConfig(_Section):
     registration_filters: int = Field(
         16, ge=4, le=128, description="Filters of the RegGAN registration network R."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.intensity_prior == 1:
+            raise ValueError("intensity_prior needs 0 (off) or at least 2 knots, found 1")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -142,8 +180,28 @@ class TrainingConfig(_Section):
         "auto",
         description="RegGAN correction loss; auto = on when data.misalignment is not 'none'.",
     )
-    lambda_registration: float = Field(20.0, ge=0.0)
-    lambda_smooth: float = Field(10.0, ge=0.0)
+    lambda_registration: float = Field(
+        20.0,
+        ge=0.0,
+        description="RegGAN correction loss (L1 after R's warp) on weakly paired examples.",
+    )
+    lambda_smooth: float = Field(
+        10.0, ge=0.0, description="Smoothness of R's displacement field (RegGAN, pixel units)."
+    )
+    lambda_paired: float = Field(
+        100.0,
+        ge=0.0,
+        description="pix2pix L1 between G(x) and its weakly paired target, both directions "
+        "(Isola et al. 2017: 100), with registration off; with it on, both directions use "
+        "lambda_registration after R's alignment instead (client.objectives).",
+    )
+    background_weight: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Weight of a pixel outside the image's head mask in every L1 loss (cycle, "
+        "identity, paired, correction); head pixels weigh 1, each example is normalised.",
+    )
     pool_size: int = Field(50, ge=0, description="Fake-image pool (0 = off; forced off under DP).")
     max_grad_norm: float | None = Field(
         None, gt=0.0, description="Per-network gradient-norm clipping without DP (None = off)."
@@ -252,7 +310,20 @@ class FederationConfig(_Section):
     validation_site: Path | None = Field(
         None, description="A site folder no hospital trains on: central paired evaluation."
     )
-    evaluate_sites: bool = Field(True, description="Ask sites for paired evaluation each round.")
+    evaluate_sites: bool = Field(
+        True,
+        description="Ask sites to score each round's global model on their own validation data "
+        "(data.validation_fraction); the coordinator keeps the best round by it (best.json).",
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep an exponential moving average of the aggregated generators across "
+        "rounds (ema = d * ema + (1 - d) * new, starting at round 1's aggregate), saved as a "
+        "checkpoint in each round's ema/ folder; sites always train from the plain aggregate. "
+        "None: off.",
+    )
     start_sites: int | None = Field(
         None,
         ge=1,

@@ -1,6 +1,6 @@
 """Site data: discovery, validation, preprocessing, sampling and inspection of a site's scans."""
 
-from common.data.datasets import PairedSlices, UnpairedSlices
+from common.data.datasets import PairedSlices, TrainingSlices, UnpairedSlices, training_set
 from common.data.discovery import Scan, SiteInventory, discover_site
 from common.data.errors import (
     BadScansError,
@@ -27,6 +27,7 @@ __all__ = [
     "SiteInventory",
     "SliceCache",
     "SliceStack",
+    "TrainingSlices",
     "UnpairedSlices",
     "Volume",
     "assign_domains",
@@ -34,4 +35,5 @@ __all__ = [
     "load_site",
     "preprocess_scan",
     "read_scan",
+    "training_set",
 ]

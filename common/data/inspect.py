@@ -3,7 +3,9 @@
 For every scan: shape, spacing, orientation codes, intensity range, and how many axial slices
 survive preprocessing at the configured spacing and model size. Unusable files are listed with
 the reason. The verdict names the directions the site can train (both modalities usable) and
-those it can also evaluate with true pairs (a subject with both).
+those it can also evaluate with true pairs (a subject with both). Per direction it counts the
+training examples: weakly paired (a session's two contrasts at one slice position, the target
+brought onto the source's grid, :mod:`common.data.pairing`) and unpaired.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from common.config import DataConfig
 from common.data.discovery import Scan, discover_site
 from common.data.errors import ScanError
 from common.data.loading import read_scan
-from common.data.preprocess import preprocess_scan
+from common.data.pairing import match_sessions
+from common.data.preprocess import GridReference, SliceStack, preprocess_scan
 from common.modalities import Direction, Modality
 
 CLIP_WARNING = 0.02  # warn when more foreground than this falls outside the model's view
@@ -37,10 +40,21 @@ class ScanReport:
     usable_slices: int | None = None
     foreground_clipped: float | None = None
     error: str | None = None
+    stack: SliceStack | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.usable_slices)
+
+
+@dataclass(frozen=True)
+class DirectionExamples:
+    """What one direction would train on at this site (see :class:`TrainingSlices`)."""
+
+    direction: Direction
+    paired_sessions: int
+    paired_examples: int
+    unpaired_examples: int
 
 
 @dataclass
@@ -50,6 +64,7 @@ class SiteReport:
     scans: list[ScanReport]
     directions: list[Direction] = field(default_factory=list)
     paired_directions: list[Direction] = field(default_factory=list)
+    examples: list[DirectionExamples] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +90,7 @@ def inspect_scan(scan: Scan, config: DataConfig) -> ScanReport:
     p1, p99 = (float(v) for v in np.percentile(data, [1, 99]))
     report.intensity = (float(data.min()), p1, p99, float(data.max()))
     stack = preprocess_scan(loaded, scan.modality, config)
+    report.stack = stack
     report.usable_slices = len(stack)
     report.foreground_clipped = stack.foreground_clipped
     if len(stack) == 0:
@@ -110,6 +126,7 @@ def inspect_site(
         site.directions.append(direction)
         if usable[source] & usable[target]:
             site.paired_directions.append(direction)
+        site.examples.append(count_examples(direction, reports, config))
 
     if len(site.subjects) == 1:
         site.warnings.append(
@@ -124,3 +141,35 @@ def inspect_site(
                 f"model's {config.image_size} px x {config.spacing_mm[0]:g} mm field of view"
             )
     return site
+
+
+def count_examples(
+    direction: Direction, reports: list[ScanReport], config: DataConfig
+) -> DirectionExamples:
+    """Weakly paired and unpaired training examples of ``direction`` over the usable scans.
+
+    A pair's examples are the slice positions usable in both the source and the target brought
+    onto the source's grid (the target is preprocessed again for that).
+    """
+    ok = [r for r in reports if r.ok and r.stack is not None]
+    stacks = {r.scan.path: r.stack for r in ok}
+    match = match_sessions(
+        [r.scan for r in ok if r.scan.modality is direction.source],
+        [r.scan for r in ok if r.scan.modality is direction.target],
+    )
+    paired = 0
+    for source, target in match.pairs:
+        source_stack = stacks[source.path]
+        assert source_stack is not None
+        reference = GridReference.of(source_stack, key=str(source.path))
+        try:
+            onto = preprocess_scan(target.path, target.modality, config, reference)
+        except ScanError:
+            continue
+        paired += len(np.intersect1d(source_stack.z, onto.z))
+
+    def slices(scans: list[Scan]) -> int:
+        return sum(len(stack) for s in scans if (stack := stacks[s.path]) is not None)
+
+    unpaired = max(slices(match.unpaired_sources), slices(match.unpaired_targets))
+    return DirectionExamples(direction, len(match.pairs), paired, unpaired)

@@ -1,11 +1,19 @@
 """Turn one scan into normalised axial slices for the model, with a disk cache.
 
-The recipe (MONAI dictionary transforms, the last three written here):
+The recipe (MONAI dictionary transforms, some written here):
 
-    read + validate (common.data.loading) -> Orientationd("RAS") -> Spacingd(config spacing)
-    -> HeadMaskd (foreground) -> RobustNormalized (to [-1, 1], mapping kept)
+    read + validate (common.data.loading) -> Orientationd("RAS") -> AntiAliasd (Gaussian
+    pre-filter where the grid gets coarser) -> Spacingd(config spacing)
+    -> HeadMaskd (brain or head mask, :mod:`common.data.masks`) -> RobustNormalized
+    (to [-1, 1], mapping kept)
     -> ResizeWithPadOrCropd (image_size x image_size in-plane, centred on the field of view)
     -> axial slices whose foreground fraction reaches ``min_foreground``
+
+A scan can also be brought onto another scan's model grid (:class:`GridReference`): the second
+contrast of a session is resampled onto the first one's grid through their scanner affines
+(world coordinates; no registration), takes its mask, and is standardised inside it. That is how
+a session's contrasts on different grids become one weakly paired example
+(:mod:`common.data.pairing`).
 
 Intensity scale (documented, and inverted by :meth:`IntensityMapping.to_native`): MR
 volumes map their foreground's ``percentiles`` (default 0.5 and 99.5) linearly to -1 and 1 and
@@ -29,17 +37,24 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, MapTransform, Orientationd, ResizeWithPadOrCropd, Spacingd
-from scipy import ndimage
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    Orientationd,
+    ResampleToMatchd,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
 
 from common.config import DataConfig
 from common.data.loading import LoadedScan, file_sha256, read_scan
+from common.data.masks import antialias, standardisation_range, subject_mask
 from common.io import atomic_save
 from common.modalities import Modality
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when the recipe changes: invalidates every cache entry
+PIPELINE_VERSION = 2  # bump when the recipe changes: invalidates every cache entry
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,8 @@ class SliceStack:
         affine: the preprocessed volume's voxel-to-world affine (RAS, config spacing).
         depth: number of axial slices of the preprocessed volume.
         foreground_clipped: fraction of the foreground that fell outside the model's field of view.
+        volume_mask: (H, W, depth) bool, the mask of every slice (usable or not): what a
+            session's second contrast is standardised in (:class:`GridReference`).
     """
 
     slices: np.ndarray
@@ -85,6 +102,7 @@ class SliceStack:
     affine: np.ndarray
     depth: int
     foreground_clipped: float
+    volume_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.slices.shape[0])
@@ -93,60 +111,19 @@ class SliceStack:
 # --------------------------------------------------------------------------- masks and scaling
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (maximal between-class variance) of a 1D sample."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = hist.astype(np.float64)
-    w0 = np.cumsum(weight)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(weight * centres)
-    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
-    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
-
-
-def foreground_mask(volume: np.ndarray, modality: Modality) -> np.ndarray:
-    """Head (or brain, for skull-stripped scans) mask: threshold, largest component, holes filled.
-
-    MR: half of Otsu's threshold on the non-background voxels (keeps dark CSF and bone inside
-    once holes are filled). CT: above -500 HU. PET: a tenth of the 99th percentile.
-    """
-    if modality is Modality.CT:
-        mask = volume > -500.0
-    else:
-        positive = volume[volume > volume.min()]
-        if positive.size == 0:
-            return np.zeros(volume.shape, dtype=bool)
-        if modality is Modality.PET:
-            threshold = 0.1 * float(np.percentile(positive, 99))
-        else:
-            threshold = 0.5 * otsu_threshold(positive)
-        mask = volume > threshold
-    mask = ndimage.binary_opening(mask, iterations=1)
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
-        mask = labels == (int(np.argmax(sizes)) + 1)
-    mask = ndimage.binary_fill_holes(mask)
-    # Fill slice by slice too: a 3D fill leaves open sulci that reach the top of the volume.
-    for z in range(mask.shape[2]):
-        mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
-    return np.asarray(mask, dtype=bool)
-
-
 def intensity_mapping(
     volume: np.ndarray, mask: np.ndarray, modality: Modality, config: DataConfig
 ) -> IntensityMapping:
+    """The native-to-model map of one volume: CT's fixed HU window, else the mask's robust range
+    (:func:`common.data.masks.standardisation_range`)."""
     if modality is Modality.CT:
         low, high = config.ct_window_hu
         return IntensityMapping(float(low), float(high), "window")
-    values = volume[mask] if mask.any() else volume.ravel()
-    low, high = (float(v) for v in np.percentile(values, config.percentiles))
+    region = mask if mask.any() else np.ones(volume.shape, dtype=bool)
+    low, high = standardisation_range(volume, region, modality, config.percentiles)
     if high <= low:
         high = low + 1.0
-    return IntensityMapping(low, high, "percentile")
+    return IntensityMapping(float(low), float(high), "percentile")
 
 
 class LoadScand(MapTransform):
@@ -164,8 +141,30 @@ class LoadScand(MapTransform):
         return out
 
 
+class AntiAliasd(MapTransform):
+    """Gaussian pre-filter along the axes that :class:`Spacingd` will make coarser.
+
+    Reads the (reoriented) voxel size from the MetaTensor's affine; see
+    :func:`common.data.masks.antialias` for the filter's width.
+    """
+
+    def __init__(self, keys: str, pixdim: tuple[float, float, float]):
+        super().__init__(keys)
+        self.pixdim = pixdim
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            affine = np.asarray(image.affine, dtype=np.float64)
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+            filtered = antialias(image[0].numpy(), tuple(spacing), self.pixdim)
+            out[key] = MetaTensor(torch.from_numpy(filtered)[None], affine=image.affine)
+        return out
+
+
 class HeadMaskd(MapTransform):
-    """Add ``mask`` (same shape, 0/1) computed by :func:`foreground_mask` on ``keys``."""
+    """Add ``mask`` (same shape, 0/1) computed by :func:`common.data.masks.subject_mask`."""
 
     def __init__(self, keys: str, modality: Modality, mask_key: str = "mask"):
         super().__init__(keys)
@@ -177,7 +176,7 @@ class HeadMaskd(MapTransform):
         for key in self.key_iterator(out):
             image = out[key]
             volume = image[0].numpy()
-            mask = foreground_mask(volume, self.modality)
+            mask = subject_mask(volume, self.modality)
             out[self.mask_key] = MetaTensor(
                 torch.from_numpy(mask.astype(np.float32))[None], affine=image.affine
             )
@@ -214,6 +213,7 @@ def build_pipeline(modality: Modality, config: DataConfig) -> Compose:
         [
             LoadScand(keys="image"),
             Orientationd(keys="image", axcodes="RAS", labels=None),
+            AntiAliasd(keys="image", pixdim=config.spacing_mm),
             Spacingd(
                 keys="image", pixdim=config.spacing_mm, mode="bilinear", padding_mode="border"
             ),
@@ -225,7 +225,79 @@ def build_pipeline(modality: Modality, config: DataConfig) -> Compose:
     )
 
 
-def cache_key(sha256: str, modality: Modality, config: DataConfig) -> str:
+@dataclass(frozen=True)
+class GridReference:
+    """Another scan's model grid, onto which a scan of the same session is resampled.
+
+    Attributes:
+        affine: the reference's preprocessed voxel-to-world affine (RAS, model grid).
+        shape: the reference's preprocessed (H, W, D).
+        mask: (H, W, D) bool, the session's mask (the reference scan's own).
+        key: the reference's cache key (its content and settings), part of the resampled
+            scan's cache key.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    mask: np.ndarray
+    key: str
+
+    @classmethod
+    def of(cls, stack: SliceStack, key: str) -> GridReference:
+        """The grid and whole mask of a preprocessed stack (without a stored whole mask, as in
+        stacks built by hand: its usable slices' masks, the other slices empty)."""
+        height, width = stack.slices.shape[1:]
+        if stack.volume_mask is not None:
+            mask = np.asarray(stack.volume_mask, dtype=bool)
+        else:
+            mask = np.zeros((height, width, stack.depth), dtype=bool)
+            mask[:, :, stack.z] = np.moveaxis(stack.masks, 0, 2)
+        return cls(np.asarray(stack.affine), (height, width, stack.depth), mask, key)
+
+
+def build_reference_pipeline(modality: Modality, config: DataConfig) -> Compose:
+    """The recipe for a scan brought onto a :class:`GridReference` (under ``"reference"``).
+
+    Read, reorient, anti-alias to the model spacing, then resample through both scanner affines
+    onto the reference grid (world coordinates, trilinear; no registration: the head motion
+    between the two acquisitions stays, for the model to learn). Also resamples a volume of ones
+    to find where this scan has data (``valid``).
+    """
+    return Compose(
+        [
+            LoadScand(keys="image"),
+            Orientationd(keys="image", axcodes="RAS", labels=None),
+            AntiAliasd(keys="image", pixdim=config.spacing_mm),
+            _Onesd(source="image", key="valid"),
+            ResampleToMatchd(
+                keys=["image", "valid"],
+                key_dst="reference",
+                mode="bilinear",
+                padding_mode="zeros",
+                dtype=np.float32,
+            ),
+        ]
+    )
+
+
+class _Onesd(MapTransform):
+    """Add ``key``: a volume of ones on ``source``'s grid (where that scan has data)."""
+
+    def __init__(self, source: str, key: str):
+        super().__init__(source)
+        self.source = source
+        self.key = key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        image = out[self.source]
+        out[self.key] = MetaTensor(torch.ones_like(image.as_tensor()), affine=image.affine)
+        return out
+
+
+def cache_key(
+    sha256: str, modality: Modality, config: DataConfig, reference: str | None = None
+) -> str:
     settings = {
         "version": PIPELINE_VERSION,
         "sha256": sha256,
@@ -235,6 +307,7 @@ def cache_key(sha256: str, modality: Modality, config: DataConfig) -> str:
         "percentiles": list(config.percentiles),
         "min_foreground": config.min_foreground,
         "ct_window_hu": list(config.ct_window_hu),
+        "reference": reference,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -251,15 +324,23 @@ class PreprocessedVolume:
 
 
 def preprocess_volume(
-    source: Path | LoadedScan, modality: Modality, config: DataConfig
+    source: Path | LoadedScan,
+    modality: Modality,
+    config: DataConfig,
+    reference: GridReference | None = None,
 ) -> PreprocessedVolume:
     """Run the recipe on one file, or on a scan already read, keeping every axial slice.
+
+    With ``reference``, the scan is brought onto that grid (:func:`build_reference_pipeline`);
+    its mask is the reference's mask where this scan has data, and it is standardised there.
 
     Raises:
         ScanError: the file is unusable (see :func:`read_scan`).
     """
     # Read (and validate) outside the Compose, which would wrap ScanError in a RuntimeError.
     scan = source if isinstance(source, LoadedScan) else read_scan(Path(source))
+    if reference is not None:
+        return _onto_reference(scan, modality, config, reference)
     result = build_pipeline(modality, config)({"image": scan})
     image: MetaTensor = result["image"]
     mask = result["mask"][0].numpy() > 0.5
@@ -272,6 +353,53 @@ def preprocess_volume(
         mapping=result["image_mapping"],
         affine=np.asarray(image.affine, dtype=np.float64),
         foreground_clipped=max(clipped, 0.0),
+    )
+
+
+def _onto_reference(
+    scan: LoadedScan, modality: Modality, config: DataConfig, reference: GridReference
+) -> PreprocessedVolume:
+    # A co-registered scan (the source's own grid) takes the source's path exactly: the same
+    # resampling and crop, so its voxels match the source's bit for bit in position.
+    size = (config.image_size, config.image_size, -1)
+    own = Compose(
+        [
+            LoadScand(keys="image"),
+            Orientationd(keys="image", axcodes="RAS", labels=None),
+            AntiAliasd(keys="image", pixdim=config.spacing_mm),
+            Spacingd(
+                keys="image", pixdim=config.spacing_mm, mode="bilinear", padding_mode="border"
+            ),
+            # NaN marks the padding: no data there (the source pads -1 on the model scale).
+            ResizeWithPadOrCropd(
+                keys="image", spatial_size=size, mode="constant", value=float("nan")
+            ),
+        ]
+    )({"image": scan})["image"]
+    if tuple(own.shape[1:]) == reference.shape and np.allclose(
+        np.asarray(own.affine, dtype=np.float64), reference.affine, atol=1e-4
+    ):
+        volume = np.asarray(own[0].numpy(), dtype=np.float32)
+        valid = np.isfinite(volume)
+        volume = np.where(valid, volume, 0.0).astype(np.float32)
+    else:
+        grid = MetaTensor(
+            torch.zeros((1, *reference.shape)), affine=torch.from_numpy(reference.affine)
+        )
+        result = build_reference_pipeline(modality, config)({"image": scan, "reference": grid})
+        volume = np.asarray(result["image"][0].numpy(), dtype=np.float32)
+        valid = result["valid"][0].numpy() > 0.999
+    mask = reference.mask & valid
+    mapping = intensity_mapping(volume, mask, modality, config)
+    scaled = mapping.to_model(volume)
+    scaled[~valid] = -1.0  # no data there: the model scale's background
+    covered = float(mask.sum()) / float(reference.mask.sum()) if reference.mask.any() else 1.0
+    return PreprocessedVolume(
+        volume=scaled,
+        mask=mask,
+        mapping=mapping,
+        affine=np.asarray(reference.affine, dtype=np.float64),
+        foreground_clipped=max(1.0 - covered, 0.0),
     )
 
 
@@ -319,14 +447,19 @@ def usable_slices(mask: np.ndarray, min_foreground: float) -> np.ndarray:
 
 
 def preprocess_scan(
-    source: Path | LoadedScan, modality: Modality, config: DataConfig
+    source: Path | LoadedScan,
+    modality: Modality,
+    config: DataConfig,
+    reference: GridReference | None = None,
 ) -> SliceStack:
     """Run the recipe on one file, or on a scan already read (no cache); keep usable slices.
+
+    With ``reference`` the scan is brought onto that grid first (see :func:`preprocess_volume`).
 
     Raises:
         ScanError: the file is unusable (see :func:`read_scan`).
     """
-    pre = preprocess_volume(source, modality, config)
+    pre = preprocess_volume(source, modality, config, reference)
     usable = usable_slices(pre.mask, config.min_foreground)
     slices = np.ascontiguousarray(np.moveaxis(pre.volume[:, :, usable], 2, 0), dtype=np.float32)
     masks = np.ascontiguousarray(np.moveaxis(pre.mask[:, :, usable], 2, 0))
@@ -338,6 +471,7 @@ def preprocess_scan(
         affine=pre.affine,
         depth=int(pre.volume.shape[2]),
         foreground_clipped=pre.foreground_clipped,
+        volume_mask=np.asarray(pre.mask, dtype=bool),
     )
 
 
@@ -356,12 +490,33 @@ class SliceCache:
         self.hits = 0
         self.misses = 0
 
-    def load(self, path: Path, modality: Modality, config: DataConfig) -> SliceStack:
-        """The slices of ``path``, from the cache when an entry for its content exists."""
+    def key(
+        self,
+        path: Path,
+        modality: Modality,
+        config: DataConfig,
+        reference: GridReference | None = None,
+    ) -> str:
+        """The entry name of ``path`` preprocessed with these settings (and onto ``reference``)."""
+        return cache_key(
+            file_sha256(path), modality, config, reference.key if reference is not None else None
+        )
+
+    def load(
+        self,
+        path: Path,
+        modality: Modality,
+        config: DataConfig,
+        reference: GridReference | None = None,
+    ) -> SliceStack:
+        """The slices of ``path``, from the cache when an entry for its content exists.
+
+        With ``reference``, ``path`` is brought onto that grid (a session's second contrast).
+        """
         if self.folder is None:
             self.misses += 1
-            return preprocess_scan(path, modality, config)
-        entry = self.folder / f"{cache_key(file_sha256(path), modality, config)}.npz"
+            return preprocess_scan(path, modality, config, reference)
+        entry = self.folder / f"{self.key(path, modality, config, reference)}.npz"
         if entry.exists():
             try:
                 stack = _read_entry(entry)
@@ -371,7 +526,7 @@ class SliceCache:
                 self.hits += 1
                 return stack
         self.misses += 1
-        stack = preprocess_scan(path, modality, config)
+        stack = preprocess_scan(path, modality, config, reference)
         atomic_save(entry, lambda tmp: _write_entry(tmp, stack))
         return stack
 
@@ -388,12 +543,26 @@ def _write_entry(target: Path, stack: SliceStack) -> None:
             affine=stack.affine,
             depth=np.array(stack.depth),
             foreground_clipped=np.array(stack.foreground_clipped),
+            volume_mask_bits=np.packbits(stack.volume_mask)
+            if stack.volume_mask is not None
+            else np.zeros(0, np.uint8),
+            volume_mask_shape=np.array(
+                stack.volume_mask.shape if stack.volume_mask is not None else (0, 0, 0)
+            ),
         )
 
 
 def _read_entry(entry: Path) -> SliceStack:
     with np.load(entry, allow_pickle=False) as archive:
         low, high = (float(v) for v in archive["mapping"])
+        shape = tuple(int(n) for n in archive["volume_mask_shape"])
+        volume_mask = (
+            np.unpackbits(archive["volume_mask_bits"], count=int(np.prod(shape)))
+            .reshape(shape)
+            .astype(bool)
+            if all(shape)
+            else None
+        )
         return SliceStack(
             slices=archive["slices"],
             masks=archive["masks"],
@@ -402,4 +571,5 @@ def _read_entry(entry: Path) -> SliceStack:
             affine=archive["affine"],
             depth=int(archive["depth"]),
             foreground_clipped=float(archive["foreground_clipped"]),
+            volume_mask=volume_mask,
         )

@@ -5,12 +5,28 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from client.app import setup_site_logging
-from client.federated import DiskStore, MemoryStore, SiteError, SiteSettings
+from client.federated import (
+    DiskStore,
+    MemoryStore,
+    SiteError,
+    SiteSettings,
+    evaluate_round,
+    train_round,
+)
 from client.trainer import CycleGANTrainer
+from common.config import RunConfig, dumps_config
+from common.data.datasets import PairedSlices, training_set
+from common.data.site import load_site
+from common.data.validation import hold_out, validation_pairs, validation_slices
+from common.evaluation import evaluate_pairs
+from common.federation import SHARED_NETS, RoundInstruction, flatten
+from common.models import define_cyclegan
+from simulations.inprocess import phantom_sites, tiny_config
 from tests.client.test_trainer import SIZE, TINY, _batches, _training
 
 
@@ -135,3 +151,72 @@ def test_a_round_reports_its_progress_while_it_trains() -> None:
     )
     assert [(s, t) for s, t, _ in calls] == [(1, 2), (2, 2)]
     assert all(loss > 0 for _, _, loss in calls)
+
+
+# ----------------------------------------------------------------- the site's validation part
+
+
+@pytest.fixture(scope="module")
+def phantom_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One phantom hospital of two subjects (slice-level validation blocks)."""
+    return phantom_sites(tmp_path_factory.mktemp("hospital"), subjects=(2,))[0]
+
+
+def _instruction(config: RunConfig) -> RoundInstruction:
+    return RoundInstruction(
+        round=1,
+        lr=config.training.lr,
+        local_epochs=1,
+        local_steps=0,
+        proximal_mu=0.0,
+        share="generators",
+        wire_dtype="float32",
+        run_key="validation-test",
+        run_config=dumps_config(config),
+    )
+
+
+def _global_state(config: RunConfig) -> dict[str, torch.Tensor]:
+    nets = define_cyclegan(config.model, config.data.image_size, seed=config.training.seed)
+    return flatten(nets, SHARED_NETS["generators"])
+
+
+def test_a_site_evaluates_on_its_validation_part_and_trains_on_the_rest(
+    phantom_site: Path, tmp_path: Path
+) -> None:
+    config = tiny_config()
+    settings = SiteSettings(data_dir=phantom_site, cache_dir=tmp_path / "cache")
+    state = _global_state(config)
+    metrics = evaluate_round(settings, _instruction(config), state)
+
+    # Independent: split the site here, score the same generator on the held-out sessions.
+    site = load_site(phantom_site, config.data, cache_dir=tmp_path / "cache")
+    held = hold_out(site, config.data.validation_fraction, config.training.seed)
+    everything = sum(len(PairedSlices([pair])) for pair in site.paired)
+    assert 0 < metrics["num-examples"] == validation_slices(held) < everything
+    generator = define_cyclegan(config.model, config.data.image_size, seed=config.training.seed)
+    net = generator["g_ab"].eval()
+
+    def translate(slices: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(slices)[:, None])[:, 0].numpy()
+
+    report = evaluate_pairs(site.name, config.data.direction, validation_pairs(held), translate)
+    assert metrics["psnr_masked"] == pytest.approx(report.mean["psnr_masked"], rel=1e-4)
+    assert metrics["num-subjects"] == len(validation_pairs(held))
+
+    # Training sees the rest: one epoch's samples are the training part's full batches.
+    _, trained = train_round(settings, _instruction(config), state, MemoryStore())
+    batch = config.training.batch_size
+    examples = len(training_set([held]))
+    assert examples < len(training_set([site]))
+    assert trained["num-examples"] == (examples // batch) * batch
+
+
+def test_a_site_with_nothing_held_out_declines_to_evaluate(
+    phantom_site: Path, tmp_path: Path
+) -> None:
+    config = tiny_config("data.validation_fraction=0")
+    settings = SiteSettings(data_dir=phantom_site, cache_dir=tmp_path / "cache")
+    with pytest.raises(SiteError, match="nothing to evaluate"):
+        evaluate_round(settings, _instruction(config), _global_state(config))

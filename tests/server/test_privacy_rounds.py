@@ -19,8 +19,8 @@ from client.local import train_local
 from client.privacy import NoisePlan, SiteAccountant
 from common.accounting import RDP_ORDERS
 from common.config import RunConfig
-from common.data.datasets import UnpairedSlices
 from common.data.site import load_site
+from common.data.validation import hold_out
 from common.federation import ARRAYS, METRICS
 from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
@@ -53,8 +53,15 @@ def _grid(sites: list[Path], tmp: Path) -> InProcessGrid:
 
 
 def _examples(site: Path, config: RunConfig, cache: Path) -> int:
+    """The examples a site trains on, counted from its volumes: the slice positions of its
+    training pairs (validation held out) plus the larger side of its unpaired slices."""
     data = load_site(site, config.data, cache_dir=cache, seed=config.training.seed)
-    return len(UnpairedSlices(data.domain_a, data.domain_b))
+    data = hold_out(data, config.data.validation_fraction, config.training.seed)
+    paired = sum(len(np.intersect1d(a.stack.z, b.stack.z)) for a, b in data.paired)
+    unpaired = max(
+        sum(len(v.stack) for v in data.unpaired_a), sum(len(v.stack) for v in data.unpaired_b)
+    )
+    return paired + unpaired
 
 
 def _independent_epsilon(examples: int, config: RunConfig, steps: int) -> float:

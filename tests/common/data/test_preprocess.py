@@ -15,12 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.config import DataConfig
-from common.data.preprocess import (
-    IntensityMapping,
-    foreground_mask,
-    otsu_threshold,
-    preprocess_scan,
-)
+from common.data.masks import TISSUE_PERCENTILE, TISSUE_SCALE, otsu_threshold, subject_mask
+from common.data.preprocess import IntensityMapping, preprocess_scan
 from common.modalities import Modality
 from tests.conftest import CONTRASTS, head_volume, save_nifti
 
@@ -125,7 +121,7 @@ def test_orientation_lps_and_ras_give_identical_ras_slices(
 
 
 @pytest.mark.parametrize("percentiles", [(0.5, 99.5), (5.0, 95.0)])
-def test_mr_intensity_mapping_matches_foreground_percentiles(
+def test_mr_intensity_mapping_anchors_on_the_masks_low_and_75th_percentiles(
     tmp_path: Path, percentiles: tuple[float, float]
 ) -> None:
     volume = head_volume("T1w")  # RAS at 2 mm already: no resampling happens
@@ -134,8 +130,10 @@ def test_mr_intensity_mapping_matches_foreground_percentiles(
 
     stack = preprocess_scan(path, Modality.T1W, config)
 
-    mask = foreground_mask(volume, Modality.T1W)
-    low, high = np.percentile(volume[mask].astype(np.float64), percentiles)
+    mask = subject_mask(volume, Modality.T1W)
+    low, anchor = np.percentile(volume[mask].astype(np.float64), [percentiles[0], 75.0])
+    high = low + 3.0 * (anchor - low)  # the 75th percentile lands at -1/3
+    assert (TISSUE_PERCENTILE, TISSUE_SCALE) == (75.0, 3.0)
     assert stack.mapping.kind == "percentile"
     assert stack.mapping.low == pytest.approx(low, rel=1e-6)
     assert stack.mapping.high == pytest.approx(high, rel=1e-6)
@@ -145,7 +143,8 @@ def test_mr_intensity_mapping_matches_foreground_percentiles(
     expected = np.moveaxis(_padded(scaled, -1.0)[:, :, stack.z], 2, 0)
     np.testing.assert_allclose(stack.slices, expected, atol=1e-5)
     assert stack.slices.min() >= -1.0 and stack.slices.max() <= 1.0
-    assert stack.slices.max() == pytest.approx(1.0) and stack.slices.min() == -1.0
+    assert stack.slices.min() == -1.0
+    assert np.percentile(scaled[mask], 75.0) == pytest.approx(-1.0 / 3.0, abs=1e-6)
     background = np.moveaxis(_padded(volume, 0.0)[:, :, stack.z], 2, 0) == 0.0
     assert background.any()
     assert (stack.slices[background] == -1.0).all()
@@ -247,26 +246,26 @@ def test_otsu_reaches_the_brute_force_maximum(seed: int, gap: float, ratio: floa
 
 
 @pytest.mark.parametrize("modality", ["T1w", "T2w", "FLAIR", "PD", "ct"])
-def test_foreground_mask_is_the_head(modality: str) -> None:
+def test_subject_mask_is_the_head(modality: str) -> None:
     inside = _ellipsoid_radius() < 1.0
-    mask = foreground_mask(head_volume(modality), Modality.parse(modality))
+    mask = subject_mask(head_volume(modality), Modality.parse(modality))
     assert mask.dtype == bool and mask.shape == SHAPE
     assert _dice(mask, inside) > 0.97
 
 
-def test_foreground_mask_fills_a_dark_interior_hole() -> None:
+def test_subject_mask_fills_a_dark_interior_hole() -> None:
     radius = _ellipsoid_radius()
     volume = head_volume("T1w")
     hole = radius < 0.5
     volume[hole] = 0.0  # as dark as the air outside
 
-    mask = foreground_mask(volume, Modality.T1W)
+    mask = subject_mask(volume, Modality.T1W)
 
     assert mask[hole].all()
     assert _dice(mask, radius < 1.0) > 0.97
 
 
-def test_foreground_mask_fills_a_channel_open_to_the_outside_slice_by_slice() -> None:
+def test_subject_mask_fills_a_channel_open_to_the_outside_slice_by_slice() -> None:
     # A dark channel from the centre up through the top of the head: a 3D fill cannot close it
     # (it touches the air), each axial slice's 2D fill does.
     shape = SHAPE
@@ -276,17 +275,17 @@ def test_foreground_mask_fills_a_channel_open_to_the_outside_slice_by_slice() ->
     volume = head_volume("T1w")
     volume[channel] = 0.0
 
-    mask = foreground_mask(volume, Modality.T1W)
+    mask = subject_mask(volume, Modality.T1W)
 
     assert mask[channel & (radius < 0.95)].all()
     assert not mask[channel & (radius > 1.05)].any()
     assert _dice(mask, radius < 1.0) > 0.97
 
 
-def test_foreground_mask_keeps_only_the_largest_component() -> None:
+def test_subject_mask_keeps_only_the_largest_component() -> None:
     volume = head_volume("T1w")
     volume[1:6, 1:6, 1:6] = 800.0  # a bright object in the corner, outside the head
-    mask = foreground_mask(volume, Modality.T1W)
+    mask = subject_mask(volume, Modality.T1W)
     assert not mask[1:6, 1:6, 1:6].any()
     assert _dice(mask, _ellipsoid_radius() < 1.0) > 0.97
 
@@ -358,7 +357,7 @@ def test_foreground_clipped_when_the_field_of_view_is_too_small(tmp_path: Path) 
 
     assert roomy.foreground_clipped == 0.0
     # Independently: a centred 16 x 16 crop of the 40 x 44 grid keeps [12:28, 14:30].
-    mask = foreground_mask(volume, Modality.T1W)
+    mask = subject_mask(volume, Modality.T1W)
     expected = 1.0 - mask[12:28, 14:30].sum() / mask.sum()
     assert expected > 0.3
     assert tight.foreground_clipped == pytest.approx(expected, abs=1e-9)

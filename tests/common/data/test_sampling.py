@@ -87,9 +87,10 @@ def _subjects(volumes: Sequence[Volume]) -> list[str]:
 
 def test_load_site_unpaired_never_shares_a_subject(make_site: SiteMaker, tmp_path: Path) -> None:
     root = make_site(subjects={f"sub-0{i}": ["T1w", "T2w"] for i in range(1, 5)})
+    unpaired = SMALL.model_copy(update={"pairing": "unpaired"})
 
     for seed in range(3):
-        site = load_site(root, SMALL, seed=seed, cache_dir=tmp_path / "cache")
+        site = load_site(root, unpaired, seed=seed, cache_dir=tmp_path / "cache")
         a, b = _subjects(site.domain_a), _subjects(site.domain_b)
         assert not set(a) & set(b)
         assert len(a) == len(b) == 2  # 4 subjects with both modalities: 2 + 2
@@ -98,17 +99,28 @@ def test_load_site_unpaired_never_shares_a_subject(make_site: SiteMaker, tmp_pat
         # Paired evaluation still sees every subject.
         assert sorted(x.scan.subject for x, _ in site.paired) == [f"sub-0{i}" for i in range(1, 5)]
         assert site.slices_a == sum(len(v.stack) for v in site.domain_a) > 0
+        # Nothing trains as a pair, and the unpaired examples are exactly the two sides.
+        assert site.training_pairs == []
+        assert site.training_unpaired == (site.domain_a, site.domain_b)
 
 
-def test_load_site_paired_uses_the_same_subjects(make_site: SiteMaker) -> None:
-    root = make_site(subjects={f"sub-0{i}": ["T1w", "T2w"] for i in range(1, 5)})
+def test_load_site_weak_pairs_every_session_with_both(make_site: SiteMaker) -> None:
+    root = make_site(
+        subjects={**{f"sub-0{i}": ["T1w", "T2w"] for i in range(1, 4)}, "sub-09": ["T2w"]}
+    )
 
-    site = load_site(root, SMALL.model_copy(update={"paired": True}))
+    site = load_site(root, SMALL)
 
-    assert _subjects(site.domain_a) == _subjects(site.domain_b)
-    assert sorted(_subjects(site.domain_a)) == [f"sub-0{i}" for i in range(1, 5)]
-    for a, b in zip(site.domain_a, site.domain_b, strict=True):
+    assert site.pairing == "weak"
+    assert [(a.scan.subject, b.scan.subject) for a, b in site.training_pairs] == [
+        (f"sub-0{i}", f"sub-0{i}") for i in range(1, 4)
+    ]
+    for a, b in site.paired:
         assert (a.scan.modality, b.scan.modality) == (Modality.T1W, Modality.T2W)
+        np.testing.assert_allclose(a.stack.affine, b.stack.affine)
+    assert site.unpaired_a == []
+    assert _subjects(site.unpaired_b) == ["sub-09"]
+    assert _subjects(site.domain_b) == ["sub-01", "sub-02", "sub-03", "sub-09"]
 
 
 # --------------------------------------------------------------------------- synthetic stacks
