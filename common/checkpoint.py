@@ -3,9 +3,10 @@
 A checkpoint is a folder holding ``generators.safetensors`` (tensors only: nothing is unpickled
 when it is read) and ``checkpoint.json`` (what is needed to use the weights: the direction, the
 model and preprocessing configuration, the intensity scale of the outputs, and the provenance:
-round or epoch, metrics, privacy spent). The weights are written first and the metadata last, each
-through a temporary file and a rename, so a crash leaves either the previous checkpoint or a
-complete new one.
+round or epoch, metrics, privacy spent; optionally the training sites' merged intensity
+statistics, from which ``fedsynth evaluate`` fits the naive baselines). The weights are written
+first and the metadata last, each through a temporary file and a rename, so a crash leaves
+either the previous checkpoint or a complete new one.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common import __version__
+from common.baselines import IntensityStats
 from common.config import DataConfig, ModelConfig
 from common.io import atomic_path, atomic_write_text
 from common.modalities import Direction
@@ -62,6 +64,17 @@ class CheckpointMetadata(BaseModel):
     sites: list[str] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
     privacy: dict[str, Any] | None = None
+    # The training sites' merged intensity statistics (common.baselines.IntensityStats.to_dict,
+    # e.g. from common.baselines.baseline_statistics): the naive baselines `fedsynth evaluate`
+    # scores beside the model. None in checkpoints made without them (older ones included).
+    baselines: dict[str, Any] | None = None
+
+    @field_validator("baselines")
+    @classmethod
+    def _readable_statistics(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            IntensityStats.from_dict(value)  # raises ValueError naming what is wrong
+        return value
 
     @property
     def parsed_direction(self) -> Direction:

@@ -7,6 +7,7 @@ to import every role.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -107,18 +108,29 @@ def render_site_report(report: SiteReport) -> None:
         for r in report.bad:
             console.print(f"  {r.scan.path}: {r.error}", highlight=False)
     if report.directions:
-        console.print("[bold]Verdict:[/bold] this site can train (unpaired)")
+        console.print("[bold]Verdict:[/bold] this site can train")
         for line in _fmt_directions(report.directions):
             console.print(line, highlight=False)
         paired = report.paired_directions
         if paired == report.directions:
-            console.print("and evaluate every one of them on true pairs (co-registered subjects)")
+            console.print(
+                "and evaluate every one of them on pairs (sessions that hold both contrasts)"
+            )
         elif paired:
             console.print("and evaluate on true pairs:")
             for line in _fmt_directions(paired):
                 console.print(line, highlight=False)
         else:
             console.print("no subject has two usable modalities: no paired evaluation here")
+        console.print("Training examples per direction (weakly paired: a session's contrasts at")
+        console.print("one slice position; unpaired: sessions missing one of the two):")
+        for found in report.examples:
+            console.print(
+                f"  {found.direction}: {found.paired_examples} weakly paired "
+                f"({found.paired_sessions} session{'s' if found.paired_sessions != 1 else ''}), "
+                f"{found.unpaired_examples} unpaired",
+                highlight=False,
+            )
     else:
         console.print(
             "[bold red]Verdict:[/bold red] this site cannot train any direction "
@@ -315,11 +327,16 @@ def evaluate_command(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
-    """Paired evaluation per subject and mean: PSNR, SSIM, MAE (whole and foreground), k-space."""
+    """Paired evaluation per subject and mean: PSNR, SSIM, MAE (whole and foreground), k-space.
+
+    When the checkpoint carries its training sites' intensity statistics, the naive baselines
+    (constant, histogram matching, lookup table) are scored on the same subjects beside it."""
+    from common.baselines import IntensityStats, fit_baselines
     from common.checkpoint import CheckpointError
-    from common.evaluation import evaluate_pairs, site_pairs
+    from common.evaluation import add_baselines, evaluate_pairs, site_pairs
     from common.synthesis import Synthesizer
 
+    skipped: dict[str, str] = {}
     try:
         synthesizer = Synthesizer(checkpoint, device=device)
         data = synthesizer.metadata.data
@@ -327,6 +344,10 @@ def evaluate_command(
         report = evaluate_pairs(
             name, str(synthesizer.direction), pairs, synthesizer.translate_slices
         )
+        statistics = synthesizer.metadata.baselines
+        if statistics is not None:
+            fitted, skipped = fit_baselines(IntensityStats.from_dict(statistics))
+            add_baselines(report, pairs, fitted)
     except (CheckpointError, SiteDataError, ValueError) as exc:
         fail(exc, 1)
     table = Table(title=f"{name}: {report.direction} on true pairs")
@@ -352,10 +373,39 @@ def evaluate_command(
             label, slices, *(format(metrics.get(k, float("nan")), f) for _, k, f in columns)
         )
 
+    slices = str(sum(s.slices for s in report.subjects))
     for subject in report.subjects:
         row(subject.subject, str(subject.slices), subject.metrics)
-    row("mean", str(sum(s.slices for s in report.subjects)), report.mean)
+    row("mean", slices, report.mean)
+    if report.baselines:
+        table.add_section()
+        for baseline, scores in report.baselines.items():
+            row(f"{baseline} (mean)", slices, scores.mean)
     console.print(table)
+    if statistics is None:
+        console.print(
+            "no naive baselines: the checkpoint carries no intensity statistics of its "
+            "training sites (made before fedsynth recorded them)"
+        )
+    else:
+        for baseline, reason in skipped.items():
+            console.print(f"{baseline}: not scored ({reason})", highlight=False)
+        best = max(
+            report.baselines,
+            key=lambda b: report.baselines[b].mean.get("psnr_masked", float("-inf")),
+            default=None,
+        )
+        if best is not None:
+            gap = report.mean.get("psnr_masked", math.nan) - report.baselines[best].mean.get(
+                "psnr_masked", math.nan
+            )
+            if math.isfinite(gap):
+                side = "above" if gap >= 0 else "below"
+                console.print(
+                    f"the model is {abs(gap):.2f} dB {side} the best naive baseline ({best}) in "
+                    "masked PSNR, on the same subjects, slices and mask",
+                    highlight=False,
+                )
     target = out or Path(checkpoint) / f"evaluation-{name}.json"
     report.write(target)
     console.print(f"report: {target}")

@@ -14,7 +14,10 @@ usable in both volumes are translated and compared with the true target (see
   stack need not be, so SSIM is reported per slice only.)
 
 Preprocessing is the checkpoint's own, so the numbers describe the model as it was trained. One
-row per subject plus the mean over subjects; written as JSON.
+row per subject plus the mean over subjects; written as JSON. When the checkpoint carries the
+training sites' intensity statistics (:mod:`common.baselines`), the naive baselines are scored on
+the same subjects, slices and mask beside the model (:func:`add_baselines`; the report's
+``baselines`` section).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,8 @@ from common.metrics import image_metrics, mae, mean_metrics, nmse, psnr, to_unit
 logger = logging.getLogger(__name__)
 
 Translate = Callable[[np.ndarray], np.ndarray]
+# A predictor that is given the evaluation mask too (the naive baselines of common.baselines).
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -50,11 +55,20 @@ class SubjectResult:
 
 
 @dataclass
+class BaselineScores:
+    """A naive baseline on the same subjects as the model."""
+
+    subjects: list[SubjectResult] = field(default_factory=list)
+    mean: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class EvaluationReport:
     site: str
     direction: str
     subjects: list[SubjectResult] = field(default_factory=list)
     mean: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, BaselineScores] = field(default_factory=dict)
 
     def to_json(self) -> str:
         def clean(value: object) -> object:
@@ -80,13 +94,47 @@ def evaluate_pairs(
     translate: Translate,
 ) -> EvaluationReport:
     """Score ``translate`` on each subject's paired slices (model scale, (n, H, W) arrays)."""
+    return evaluate_predictor(site_name, direction, pairs, lambda source, _: translate(source))
+
+
+def evaluate_predictor(
+    site_name: str,
+    direction: str,
+    pairs: list[tuple[str, PairedSlices]],
+    predict: Predict,
+) -> EvaluationReport:
+    """Score ``predict(source, mask)`` on each subject's paired slices; the mask is the one the
+    metrics are computed in (``paired.masks``)."""
     report = EvaluationReport(site_name, direction)
+    report.subjects, report.mean = score_pairs(pairs, predict)
+    return report
+
+
+def score_pairs(
+    pairs: list[tuple[str, PairedSlices]], predict: Predict
+) -> tuple[list[SubjectResult], dict[str, float]]:
+    """Per subject, :func:`subject_metrics` of ``predict(paired.a, paired.masks)``; and the mean
+    over subjects (empty without subjects)."""
+    subjects = []
     for subject, paired in pairs:
-        predicted = translate(paired.a)
-        metrics = subject_metrics(predicted, paired.b, paired.masks.astype(bool), paired.lesions)
-        report.subjects.append(SubjectResult(subject, len(paired), metrics))
-    if report.subjects:
-        report.mean = _headline(mean_metrics([s.metrics for s in report.subjects]))
+        masks = paired.masks.astype(bool)
+        predicted = predict(paired.a, masks)
+        metrics = subject_metrics(predicted, paired.b, masks, paired.lesions)
+        subjects.append(SubjectResult(subject, len(paired), metrics))
+    mean = _headline(mean_metrics([s.metrics for s in subjects])) if subjects else {}
+    return subjects, mean
+
+
+def add_baselines(
+    report: EvaluationReport,
+    pairs: list[tuple[str, PairedSlices]],
+    baselines: Mapping[str, Predict],
+) -> EvaluationReport:
+    """Score each baseline on the same ``pairs`` the model was scored on; into
+    ``report.baselines``."""
+    for name, predict in baselines.items():
+        subjects, mean = score_pairs(pairs, predict)
+        report.baselines[name] = BaselineScores(subjects, mean)
     return report
 
 
@@ -138,8 +186,12 @@ def subject_metrics(
 def site_pairs(
     site_dir: Path, data_config: DataConfig, cache_dir: Path | None = None
 ) -> tuple[str, list[tuple[str, PairedSlices]]]:
-    """Load a site in paired mode and group its paired slices per subject."""
-    config = data_config.model_copy(update={"paired": True})
+    """Load a site and group its paired slices per subject (session).
+
+    The target of a session is on its source's grid and inside its source's mask (see
+    :mod:`common.data.pairing`), so every model and baseline is scored on one region.
+    """
+    config = data_config
     site = load_site(site_dir, config, cache_dir=cache_dir)
     if not site.paired:
         raise ValueError(

@@ -132,3 +132,94 @@ def test_no_lesion_mask_no_lesion_metrics(make_site: SiteMaker) -> None:
     assert pairs[0][1].lesions is None
     report = evaluate_pairs("site-x", "T1w->T2w", pairs, lambda a: a)
     assert "lesion_psnr" not in report.subjects[0].metrics
+
+
+def test_a_predictor_is_given_the_evaluation_mask_and_scored_like_a_model(
+    make_site: SiteMaker,
+) -> None:
+    from common.evaluation import add_baselines, evaluate_predictor
+
+    _, pairs = site_pairs(make_site(), DATA)
+    seen: list[np.ndarray] = []
+
+    def predict(source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        seen.append(mask)
+        return np.where(mask, source, -1.0)
+
+    report = evaluate_predictor("site-x", "T1w->T2w", pairs, predict)
+    assert len(seen) == len(pairs)
+    for mask, (_, paired) in zip(seen, pairs, strict=True):
+        np.testing.assert_array_equal(mask, paired.masks.astype(bool))
+    # Inside the mask the prediction is the source, so the masked scores equal the model's.
+    model = evaluate_pairs("site-x", "T1w->T2w", pairs, lambda a: a)
+    assert report.mean["psnr_masked"] == pytest.approx(model.mean["psnr_masked"], abs=1e-9)
+    add_baselines(model, pairs, {"masked identity": predict})
+    scores = model.baselines["masked identity"]
+    assert [s.subject for s in scores.subjects] == [s.subject for s in model.subjects]
+    assert scores.mean == report.mean
+    assert '"masked identity"' in model.to_json()
+
+
+def test_evaluate_scores_the_checkpoints_baselines_on_the_same_subjects(
+    make_site: SiteMaker, tmp_path: Path
+) -> None:
+    """`fedsynth evaluate` with a checkpoint whose metadata holds the training site's intensity
+    statistics: the three baselines on the same subjects; the constant's masked MAE is checked
+    against a direct computation."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from common.baselines import BASELINE_NAMES, CONSTANT, baseline_statistics
+    from common.checkpoint import CheckpointMetadata, save_checkpoint
+    from common.config import ModelConfig
+    from common.data.site import load_site
+    from common.models import define_generator, init_weights
+    from simulations.cli import app
+
+    data = DATA.model_copy(update={"cache_dir": tmp_path / "cache"})
+    training = load_site(make_site("train"), data)
+    evaluation_site = make_site("test", {"sub-07": ["T1w", "T2w"], "sub-08": ["T1w", "T2w"]})
+    tiny = ModelConfig(ngf=8, n_blocks=1, ndf=8, d_layers=1)
+    generators = {k: init_weights(define_generator(tiny, 48), seed=1) for k in ("g_ab", "g_ba")}
+    statistics = baseline_statistics([training])
+    checkpoint = save_checkpoint(
+        tmp_path / "ckpt",
+        generators,
+        CheckpointMetadata(
+            kind="local", direction="T1w->T2w", model=tiny, data=data, baselines=statistics
+        ),
+    )
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--site", str(evaluation_site)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "lookup table (mean)" in result.output and "best naive baseline" in result.output
+    report = json.loads(out.read_text())
+    assert list(report["baselines"]) == list(BASELINE_NAMES)
+    for scores in report["baselines"].values():
+        assert [(s["subject"], s["slices"]) for s in scores["subjects"]] == [
+            (s["subject"], s["slices"]) for s in report["subjects"]
+        ]
+        assert {"psnr_masked", "ssim_masked", "mae_masked"} <= set(scores["mean"])
+    # The constant: the training site's mean T2w inside its masks, scored inside the mask.
+    targets = {str(b.scan.path): b for _, b in training.paired}
+    values = np.concatenate([v.stack.slices[v.stack.masks] for v in targets.values()])
+    constant = (values.astype(np.float64).mean() + 1) / 2
+    _, pairs = site_pairs(evaluation_site, data)
+    for (_, paired), subject in zip(pairs, report["baselines"][CONSTANT]["subjects"], strict=True):
+        per_slice = [
+            np.abs(constant - (b[m] + 1) / 2).mean()
+            for b, m in zip(paired.b, paired.masks.astype(bool), strict=True)
+            if m.any()
+        ]
+        assert subject["metrics"]["mae_masked"] == pytest.approx(np.mean(per_slice), abs=1e-6)
+    # A checkpoint without statistics (older ones) still evaluates, and says so.
+    old = CheckpointMetadata(kind="local", direction="T1w->T2w", model=tiny, data=data)
+    save_checkpoint(tmp_path / "old", generators, old)
+    args = ["evaluate", "--checkpoint", str(tmp_path / "old"), "--site", str(evaluation_site)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "no naive baselines" in result.output
+    written = json.loads((tmp_path / "old" / "evaluation-test.json").read_text())
+    assert written["baselines"] == {} and written["subjects"]
