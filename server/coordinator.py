@@ -11,17 +11,22 @@ engine otherwise). Each round it
    (:func:`common.federation.audit_reply`) or fail the numeric checks
    (:func:`server.validation.check_update`), and stops the run with a message naming the failed
    sites when fewer than ``min_sites`` valid updates remain;
-5. aggregates (:mod:`server.strategy`), asks the sites for paired evaluation, evaluates centrally
-   when a validation site is configured, and writes the round's checkpoint, record, JSONL line and
-   TensorBoard scalars before announcing the round on the terminal.
+5. aggregates (:mod:`server.strategy`), updates the moving average of the generators when
+   ``federation.ema_decay`` is set (sites always receive the plain aggregate), asks the sites to
+   score the new global model on their own validation data, evaluates centrally when a
+   validation site is configured, and writes the round's checkpoint, record, JSONL line and
+   TensorBoard scalars, then ``best.json`` (the best round so far, :mod:`server.checkpoint`),
+   before announcing the round on the terminal.
 
 A restarted coordinator with ``resume`` continues after the last complete round with the same
-run key, so the sites find the state each round started from.
+run key, so the sites find the state each round started from; the best round and the moving
+average are restored from the run folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from common.checkpoint import CheckpointMetadata
+from common.checkpoint import CheckpointMetadata, load_checkpoint
 from common.config import RunConfig, dumps_config, write_resolved_config
 from common.evaluation import evaluate_pairs, site_pairs
 from common.federation import (
@@ -62,7 +67,18 @@ from common.federation import (
 from common.io import atomic_save, atomic_write_text
 from common.models import define_cyclegan
 from server.certs import public_key_der
-from server.checkpoint import RoundRecord, latest_round, load_round, round_dir, save_round
+from server.checkpoint import (
+    BestRound,
+    RoundRecord,
+    consider,
+    ema_dir,
+    latest_round,
+    load_round,
+    round_dir,
+    save_round,
+    scan_best,
+    write_best,
+)
 from server.status import ROUNDS_LOG, StatusWriter
 from server.strategy import SiteLevelDP, SiteUpdate, make_aggregator
 from server.validation import check_update
@@ -137,6 +153,23 @@ def _weighted(metrics: Mapping[str, Mapping[str, float]], weight_key: str) -> di
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
 
 
+def ema_step(
+    ema: Mapping[str, torch.Tensor] | None, new: Mapping[str, torch.Tensor], decay: float
+) -> dict[str, torch.Tensor]:
+    """One step of the moving average: ``decay * ema + (1 - decay) * new`` per floating tensor
+    (integer buffers follow ``new``); the first step (``ema`` None) starts at ``new``."""
+    if ema is None:
+        return {k: v.detach().clone() for k, v in new.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in new.items():
+        value = value.detach()
+        if value.is_floating_point() and key in ema:
+            out[key] = ema[key].to(value.dtype) * decay + value * (1.0 - decay)
+        else:
+            out[key] = value.clone()
+    return out
+
+
 class Coordinator:
     """Runs a federation's rounds over ``grid`` and keeps everything under ``run_dir``.
 
@@ -177,6 +210,9 @@ class Coordinator:
         self.ignored: set[int] = set()  # online nodes whose key this coordinator did not admit
         self.known_sites: set[str] = set()  # sites that sent a valid update in some round
         self.epsilon: dict[str, float] = {}  # latest cumulative epsilon each site reported
+        self.best: BestRound | None = None  # the best round so far (server.checkpoint)
+        self.ema: dict[str, torch.Tensor] | None = None  # moving average (federation.ema_decay)
+        self._ema_nets: dict[str, torch.nn.Module] | None = None
         self.aggregator = make_aggregator(self.fed, config.privacy)
         self.start_round = 1
         self.config_text = dumps_config(config)
@@ -222,6 +258,9 @@ class Coordinator:
                 _, _, record = load_round(self.run_dir, last)
                 self.known_sites = set(record.per_site)
                 self.epsilon = dict(record.epsilon_per_site)
+                self.best = scan_best(self.run_dir)
+                if self.fed.ema_decay is not None:
+                    self.ema = self._load_ema(last)
             logger.info("resuming %s after round %s", self.run_dir, last or 0)
             return run_key
         if latest_round(self.run_dir) is not None:
@@ -233,6 +272,23 @@ class Coordinator:
         write_resolved_config(self.config, self.run_dir)
         atomic_write_text(run_file, json.dumps({"run_key": run_key}, indent=2) + "\n")
         return run_key
+
+    def _load_ema(self, round_number: int) -> dict[str, torch.Tensor] | None:
+        folder = ema_dir(self.run_dir, round_number)
+        if not folder.exists():
+            logger.warning(
+                "federation.ema_decay is set but round %d kept no moving average: it starts "
+                "again at round %d's aggregate",
+                round_number,
+                round_number + 1,
+            )
+            return None
+        _, networks = load_checkpoint(folder)
+        return {
+            f"{name}.{key}": value
+            for name, state in networks.items()
+            for key, value in state.items()
+        }
 
     def _tensorboard(self) -> Any:
         if self._writer is None:
@@ -494,6 +550,8 @@ class Coordinator:
                 self.epsilon[site] = site_epsilon
         for name, params in unflatten(self.state).items():
             self.nets[name].load_state_dict(params)
+        if self.fed.ema_decay is not None:  # for the published model; sites get self.state
+            self.ema = ema_step(self.ema, self.state, self.fed.ema_decay)
 
         eval_metrics: dict[str, dict[str, float]] = {}
         if self.fed.evaluate_sites:
@@ -582,12 +640,26 @@ class Coordinator:
             delta=self.config.privacy.delta if summary.epsilon else None,
             rejected=summary.rejected,
             seconds=summary.seconds,
+            evaluation_per_site={**summary.eval_metrics},
         )
         self.metadata.sites = sorted(set(self.metadata.sites) | set(summary.accepted))
-        folder = save_round(self.run_dir, self.nets, self.metadata, record)
+        folder = save_round(
+            self.run_dir,
+            self.nets,
+            self.metadata,
+            record,
+            ema=self._ema_modules(),
+            ema_decay=self.fed.ema_decay,
+        )
         atomic_save(
             folder / SERVER_STATE, lambda tmp: torch.save(self.aggregator.state_dict(), tmp)
         )
+        previous = self.best.round if self.best is not None else None
+        self.best = consider(self.best, record)
+        if self.best is not None:
+            write_best(self.run_dir, self.best)
+            if self.best.round != previous:
+                logger.info("round %d: %s", summary.round, self.best.line)
         with (self.run_dir / ROUNDS_LOG).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(asdict(summary), sort_keys=True) + "\n")
         writer = self._tensorboard()
@@ -627,6 +699,16 @@ class Coordinator:
             summary.overhead_seconds,
         )
 
+    def _ema_modules(self) -> dict[str, torch.nn.Module] | None:
+        """The moving average as networks to checkpoint (None when off)."""
+        if self.ema is None:
+            return None
+        if self._ema_nets is None:
+            self._ema_nets = {name: copy.deepcopy(net) for name, net in self.nets.items()}
+        for name, params in unflatten(self.ema).items():
+            self._ema_nets[name].load_state_dict(params)
+        return self._ema_nets
+
     # ------------------------------------------------------------------ whole run
 
     def run(self) -> list[RoundSummary]:
@@ -637,6 +719,8 @@ class Coordinator:
         if self._writer is not None:
             self._writer.close()
         logger.info("run complete: %s", round_dir(self.run_dir, self.fed.rounds))
+        if self.best is not None:
+            logger.info("%s: %s", self.best.line, round_dir(self.run_dir, self.best.round))
         self.status.set("finished", self.fed.rounds, f"all {self.fed.rounds} rounds complete")
         return summaries
 

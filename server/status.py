@@ -4,10 +4,10 @@ The coordinator rewrites ``<run>/status.json`` atomically whenever what it is do
 waiting for sites, training round *k* (and which sites it still waits for), evaluating, between
 rounds, finished, stopped (with the reason) or interrupted (SIGTERM, Ctrl-C). ``read_status``
 joins that file with the history the run folder already keeps (``rounds.jsonl``, ``latest``,
-``STOPPED``, ``config.resolved.toml``) into one :class:`RunStatus`: the current round, the sites
-seen, each site's last metrics and cumulative epsilon, every rejected update and the time per
-round. It reads files only, so it works on a live run (the coordinator never holds them open
-half-written) and on one that ended long ago.
+``STOPPED``, ``config.resolved.toml``, ``best.json``) into one :class:`RunStatus`: the current
+round, the best round so far, the sites seen, each site's last metrics and cumulative epsilon,
+every rejected update and the time per round. It reads files only, so it works on a live run
+(the coordinator never holds them open half-written) and on one that ended long ago.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
 from common.io import READABLE, atomic_write_text
-from server.checkpoint import latest_round
+from server.checkpoint import latest_round, read_best
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -146,6 +146,17 @@ class RunStatus:
     sites: list[SiteStatus]
     delta: float | None
     notes: list[str] = field(default_factory=list)  # problems met while reading
+    best_round: int | None = None  # the best round so far (server.checkpoint), None: unscored
+    best_score: float | None = None  # its selection score, dB
+    best_metric: str | None = None  # e.g. "eval/psnr_masked"
+    best_source: str | None = None  # what was scored, in words
+
+    @property
+    def best_line(self) -> str | None:
+        """``best round 3 (24.10 dB on the sites' validation data)``, or None."""
+        if self.best_round is None or self.best_score is None:
+            return None
+        return f"best round {self.best_round} ({self.best_score:.2f} dB on {self.best_source})"
 
     @property
     def median_round_seconds(self) -> float | None:
@@ -162,6 +173,7 @@ class RunStatus:
         out = asdict(self)
         out["median_round_seconds"] = self.median_round_seconds
         out["remaining_seconds"] = self.remaining_seconds
+        out["best_line"] = self.best_line
         return out
 
 
@@ -248,6 +260,11 @@ def read_status(run_dir: Path) -> RunStatus:
         state = "finished" if finished else ("stopped" if stopped else "unknown")
         round_number, detail, since, updated, running = None, "", None, None, None
         online, waiting_for = [], []
+    best = None
+    try:
+        best = read_best(run_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        notes.append(f"best round: unreadable ({exc})")
     if stopped and state not in ("stopped", "interrupted"):
         state = "stopped"
     if state == "stopped" and stopped:
@@ -293,4 +310,8 @@ def read_status(run_dir: Path) -> RunStatus:
         sites=[sites[name] for name in sorted(sites)],
         delta=config.privacy.delta if config.privacy.enabled else None,
         notes=notes,
+        best_round=best.round if best is not None else None,
+        best_score=best.score if best is not None else None,
+        best_metric=best.metric if best is not None else None,
+        best_source=best.source if best is not None else None,
     )

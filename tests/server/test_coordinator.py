@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import Message
 from safetensors.numpy import load_file
 
 from common.federation import ARRAYS, METRICS
-from server.checkpoint import latest_round, round_dir
+from common.synthesis import Synthesizer
+from server.checkpoint import BEST_NAME, best_checkpoint, best_round, latest_round, round_dir
 from server.coordinator import Coordinator, CoordinatorStoppedError
+from server.status import read_status
 from simulations.inprocess import InProcessGrid, tiny_config
 
 
@@ -207,3 +212,150 @@ def test_only_nodes_with_an_admitted_key_take_part_under_the_admitted_name(
     assert all(m.metadata.dst_node_id != 3 for m in grid.sent)  # never sent anything
     assert "ignoring node 3 (registered as 'hospital-a')" in caplog.text
     assert caplog.text.count("ignoring node 3") == 1  # logged once, not every poll
+
+
+# ------------------------------------------------------------------ best round and EMA
+
+# The sites' validation PSNR per round, imposed on their real replies: the example-weighted mean
+# peaks at round 1 (site-1 holds most validation slices), the unweighted one at round 2, and the
+# last round is neither.
+IMPOSED = {
+    1: {"site-1": 20.0, "site-2": 14.0, "site-3": 8.0},
+    2: {"site-1": 13.0, "site-2": 14.0, "site-3": 22.0},
+    3: {"site-1": 15.0, "site-2": 15.0, "site-3": 15.0},
+}
+
+
+class ScoredGrid(InProcessGrid):
+    """The in-process transport, with the evaluation replies' masked PSNR set from a table."""
+
+    def __init__(self, *args: Any, scores: dict[int, dict[str, float]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.scores = scores
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        before = len(self.replies)
+        ids = super().push_messages(messages)
+        for message, (node, reply) in zip(messages, self.replies[before:], strict=False):
+            kind, _, number = message.metadata.group_id.partition("-")
+            if kind == "evaluate" and not reply.has_error():
+                value = self.scores[int(number)][self.names[node]]
+                reply.content.metric_records[METRICS]["psnr_masked"] = value
+        return ids
+
+
+def _validation_scores(grid: InProcessGrid) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per round, per site (psnr_masked, num-examples) as the sites replied to "evaluate"."""
+    scores: dict[int, dict[str, tuple[float, float]]] = {}
+    for sent, (node, reply) in zip(grid.sent, grid.replies, strict=True):
+        assert sent.metadata.dst_node_id == node
+        kind, _, number = sent.metadata.group_id.partition("-")
+        if kind != "evaluate" or reply.has_error():
+            continue
+        metrics = reply.content.metric_records[METRICS]
+        scores.setdefault(int(number), {})[grid.names[node]] = (
+            float(metrics["psnr_masked"]),
+            float(metrics["num-examples"]),
+        )
+    return scores
+
+
+def _expected_best(scores: dict[int, dict[str, tuple[float, float]]]) -> tuple[int, float]:
+    """The example-weighted mean of each round's site scores; the first round with the most."""
+    means = {
+        number: sum(p * n for p, n in sites.values()) / sum(n for _, n in sites.values())
+        for number, sites in scores.items()
+    }
+    best = max(sorted(means), key=lambda number: (means[number], -number))
+    return best, means[best]
+
+
+WEIGHTS = "generators.safetensors"
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in load_file(str(folder / WEIGHTS)).items()}
+
+
+def test_best_round_and_moving_average_are_kept_and_survive_a_resume(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    decay = 0.6
+    config = tiny_config(
+        "federation.rounds=3",
+        "federation.min_sites=3",
+        "federation.local_steps=2",
+        f"federation.ema_decay={decay}",
+    )
+    straight = tmp_path / "straight"
+    grid = ScoredGrid(_nodes(sites, straight), names=_names(sites), scores=IMPOSED)
+    Coordinator(grid, config, straight).run()
+
+    # best.json names the round whose example-weighted validation PSNR is highest.
+    scores = _validation_scores(grid)
+    assert sorted(scores) == [1, 2, 3] and all(len(s) == 3 for s in scores.values())
+    examples = {site: n for site, (_, n) in scores[1].items()}
+    expected_round, expected_score = _expected_best(scores)
+    unweighted, _ = _expected_best(
+        {r: {s: (p, 1.0) for s, (p, _) in v.items()} for r, v in scores.items()}
+    )
+    assert (expected_round, unweighted) == (1, 2)  # the table's premise, with the real weights
+    best = json.loads((straight / BEST_NAME).read_text())
+    assert best["round"] == expected_round == best_round(straight)
+    assert best["score"] == pytest.approx(expected_score, rel=1e-9)
+    assert best["metric"] == "eval/psnr_masked" and best["last_round"] == 3
+    assert best["per_site"] == IMPOSED[1] and best["examples"] == examples
+    folder = best_checkpoint(straight)
+    assert folder == round_dir(straight, expected_round)
+    assert (folder / "checkpoint.json").exists() and (folder / WEIGHTS).exists()
+    assert best_checkpoint(straight, ema=True) == folder / "ema"
+    Synthesizer(folder / "ema", device="cpu")  # the average loads as any checkpoint does
+    status = read_status(straight)
+    assert status.best_round == 1
+    assert (
+        status.best_line == f"best round 1 ({expected_score:.2f} dB on the sites' validation data)"
+    )
+
+    # The moving average equals an independent computation over the saved round weights.
+    plain = {n: _weights(round_dir(straight, n)) for n in (1, 2, 3)}
+    ema = {n: _weights(round_dir(straight, n) / "ema") for n in (1, 2, 3)}
+    running = plain[1]
+    for number in (1, 2, 3):
+        if number > 1:
+            running = {k: decay * running[k] + (1 - decay) * plain[number][k] for k in running}
+        for key in running:
+            np.testing.assert_allclose(ema[number][key], running[key], rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(ema[3][k], plain[3][k]) for k in plain[3])
+    # Sites train from the plain aggregate, never from the average.
+    sent = next(m for m in grid.sent if m.metadata.group_id == "train-3")
+    received = sent.content.array_records[ARRAYS]
+    some = [k for k in plain[2] if not np.allclose(plain[2][k], ema[2][k])][:3]
+    assert some
+    for key in some:
+        np.testing.assert_allclose(received[key].numpy(), plain[2][key], rtol=1e-6, atol=1e-7)
+
+    # Interrupted during round 3, then resumed: the best so far and the average carry over.
+    broken = tmp_path / "broken"
+    grid = ScoredGrid(
+        _nodes(sites, broken), names=_names(sites), scores=IMPOSED, crash_on="train-3"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        Coordinator(grid, config, broken).run()
+    assert best_round(broken) == 1
+    (broken / BEST_NAME).unlink()  # lost: recomputed from the rounds' records
+    assert best_round(broken) == 1
+    resumed = Coordinator(
+        ScoredGrid(_nodes(sites, broken), names=_names(sites), scores=IMPOSED),
+        config,
+        broken,
+        resume=True,
+    )
+    assert resumed.best is not None and resumed.best.round == 1
+    resumed.run()
+    again = json.loads((broken / BEST_NAME).read_text())
+    assert (again["round"], again["last_round"]) == (1, 3)
+    assert again["score"] == pytest.approx(expected_score, rel=1e-9)
+    resumed_ema = _weights(round_dir(broken, 3) / "ema")
+    for key in resumed_ema:
+        np.testing.assert_allclose(resumed_ema[key], ema[3][key], rtol=1e-6, atol=1e-7)
