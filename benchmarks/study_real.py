@@ -5,17 +5,26 @@ One command runs the whole study, and the same command continues it after an int
     .venv/bin/python -m benchmarks.study_real --out runs/study-real
 
 It needs ``<data>/brain-mri/site-*`` (one folder per hospital, BIDS inside, T1w with T2w and
-FLAIR co-registered within each subject) and, for MRI -> CT, ``<data>/brain-ct/site-ct``.
+FLAIR co-registered within each subject), optionally ``<data>/brain-mri-clinical/site-e`` (raw
+clinical scans: each contrast on its own grid, misaligned, some subjects missing one) with its
+co-registered copy ``site-e-coreg``, and, for MRI -> CT, ``<data>/brain-ct/site-ct``.
 
 * **Leave one site out.** For every MRI site and every direction (T1w->T2w, then T1w->FLAIR),
   ``fedsynth simulate``'s experiment (:func:`simulations.run.run_experiment`) trains on the other
   sites as they are (the natural split, no held-out subjects) and evaluates on the left-out site
   (``--eval-site``): the federation on Flower's simulation engine, a local-only model per
-  training site and the pooled model, with the federation's compute. Training is unpaired
-  (slices of the two domains drawn independently) with the ``slight`` misalignment of domain B;
-  evaluation uses the true pairs.
-* **Histogram matching** of the left-out site's T1w to the training sites' target-domain
-  intensities, evaluated on the same pairs.
+  training site and the pooled model, with the federation's compute. Sites train on what they
+  hold: a session's contrasts as weakly paired examples (the raw clinical site's brought onto
+  one grid by their scanner affines), the rest unpaired (:mod:`common.data.pairing`). Each model
+  is the one its training sites' own validation data chose (best round or epoch). The clinical
+  site trains on its raw scans and is scored, when left out, on its co-registered copy; the
+  copy is never trained on.
+* **Naive baselines** (:mod:`common.baselines`), fitted from the training sites' intensity
+  statistics (each site's own, summed as a coordinator would) and scored on the left-out site's
+  pairs in the same mask: the training sites' mean target intensity (constant), histogram
+  matching of the left-out site's T1w onto the training target intensities, and the lookup
+  table from T1w intensity to mean target intensity. They are cheap and recomputed on every
+  invocation, also for experiments that finished before they existed.
 * **Variants** on the first fold, federated only: example-level DP at epsilon 8 (delta 1e-5)
   per site, and the registration loss (RegGAN's R). The other arms train without R.
 * **MRI -> CT**: a T1w -> CT model on every MRI site's T1w and the CT site's CT (pooled: a
@@ -57,11 +66,11 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from client.local import train_local
-from common.baselines import HistogramMatcher
+from common.baselines import BASELINE_NAMES, CONSTANT, HISTOGRAM, LOOKUP_TABLE, Predictor
 from common.config import RunConfig, load_config
+from common.data.datasets import PairedSlices
 from common.data.discovery import discover_site
-from common.data.site import load_site
-from common.evaluation import evaluate_pairs, site_pairs
+from common.evaluation import evaluate_predictor, site_pairs
 from common.flower import FlowerError
 from common.io import READABLE, atomic_save, atomic_write_text
 from common.modalities import Direction, Modality
@@ -74,13 +83,12 @@ from simulations.results import (
     ExperimentResults,
     sample_key,
 )
-from simulations.run import ExperimentError, run_experiment, unseen_name
+from simulations.run import ExperimentError, naive_baselines, run_experiment, unseen_name
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("T1w->T2w", "T1w->FLAIR")
 VARIANTS = ("dp", "registration")
-HISTOGRAM = "histogram matching"
 LOCAL_MEAN = "local-only (mean)"
 METRICS = ("psnr_masked", "ssim_masked", "mae_masked", "kspace_low", "kspace_mid", "kspace_high")
 STUDY_NAME = "study.json"
@@ -89,16 +97,18 @@ REPORT_NAME = "report.md"
 FIGURES = "figures"
 
 # What every arm shares: the natural split (each site as it is, nothing held out: the left-out
-# site is the test set), unpaired training with domain B slightly misaligned, and no R (auto
-# would turn R on for misaligned data; R is the registration variant).
+# site is the test set; each training site keeps its own validation part), the data as the
+# sites hold it (no added misalignment, no subject's modality dropped), and no R (R is the
+# registration variant).
 COMMON = [
     "simulation.partition=natural",
     "simulation.holdout_subjects=0",
     "simulation.unpaired_fraction=0",
-    "simulation.misalignment=slight",
+    "simulation.misalignment=none",
     "simulation.baselines=['local','pooled']",
     "training.registration=off",
 ]
+CLINICAL = ("brain-mri-clinical", "site-e")  # raw clinical site, scored on CLINICAL + "-coreg"
 # Fixed from the time budget (cpu-small: the whole study within 2 hours on 2 CPU cores) before
 # any held-out score was seen; see BENCHMARKS.md for the measured time.
 SETTINGS: dict[str, list[str]] = {
@@ -129,6 +139,11 @@ HU_WINDOWS: dict[str, tuple[float, float]] = {
 }
 BONE_HU = 300.0
 TISSUES = ("CSF", "grey matter", "white matter")  # T1w clusters, darkest to brightest: CSF, GM, WM
+# The goal against the naive baselines: the federated model beats the best of them by this much
+# masked PSNR and SSIM, in the mean over the folds and on this many folds.
+NAIVE_GOAL_DB = 1.0
+NAIVE_GOAL_SSIM = 0.05
+NAIVE_GOAL_FOLDS = 4
 
 
 class StudyError(RuntimeError):
@@ -150,14 +165,19 @@ class Study:
     directions: list[str]
     variants: list[str]
     ct: bool
-    sites: dict[str, Path] = field(default_factory=dict)  # MRI site name -> folder
+    sites: dict[str, Path] = field(default_factory=dict)  # MRI site name -> folder trained on
+    scored: dict[str, Path] = field(default_factory=dict)  # site -> the folder it is scored on
     ct_site: Path | None = None
     echo: Callable[[str], None] = print
-    matched: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    naive: dict[tuple[str, str], NaiveArms] = field(default_factory=dict)
 
     @property
     def cache(self) -> Path:
         return self.out / "cache"
+
+    def test_site(self, fold: str) -> Path:
+        """The folder a left-out site is scored on: its co-registered copy if it has one."""
+        return self.scored.get(fold, self.sites[fold])
 
     def record(self) -> dict[str, Any]:
         return {
@@ -187,17 +207,29 @@ def slug(direction: str) -> str:
     return str(Direction.parse(direction)).replace("->", "-to-")
 
 
-def find_sites(data: Path) -> tuple[dict[str, Path], Path | None]:
+def find_sites(data: Path) -> tuple[dict[str, Path], dict[str, Path], Path | None]:
+    """The MRI sites (name -> folder trained on), the folders the raw clinical site is scored on
+    instead (name -> its co-registered copy), and the CT site (or None)."""
     mri = data / "brain-mri"
     if not mri.is_dir():
         raise StudyError(f"{mri} not found: --data must hold brain-mri/site-* (and brain-ct/)")
     sites = {p.name: p for p in sorted(mri.iterdir()) if p.is_dir() and p.name.startswith("site")}
+    scored: dict[str, Path] = {}
+    clinical = data.joinpath(*CLINICAL)
+    coreg = clinical.with_name(clinical.name + "-coreg")
+    if clinical.is_dir():
+        if not coreg.is_dir():
+            raise StudyError(f"{clinical} has no co-registered copy {coreg} to be scored on")
+        if clinical.name in sites:
+            raise StudyError(f"two sites are called {clinical.name}: {sites[clinical.name]}")
+        sites[clinical.name] = clinical
+        scored[clinical.name] = coreg
     if len(sites) < 3:
         raise StudyError(
             f"{mri} holds {len(sites)} site folder(s); leave-one-site-out needs at least 3"
         )
     ct = data / "brain-ct" / "site-ct"
-    return sites, ct if ct.is_dir() else None
+    return sites, scored, ct if ct.is_dir() else None
 
 
 def open_study(study: Study, *, overwrite: bool) -> None:
@@ -248,32 +280,42 @@ def run_fold(study: Study, direction: str, fold: str, variant: str | None = None
         pool_sites=train,
         resume=True,
         cache_dir=study.cache,
-        eval_sites=[study.sites[fold]],
+        eval_sites=[study.test_site(fold)],
         echo=lambda line: study.echo(f"   {line}"),
     )
     return folder
 
 
-def histogram_matching(study: Study, direction: str, fold: str) -> dict[str, Any]:
-    """Match the left-out site's T1w to the training sites' target-domain foreground values
-    (model scale, as training sees them); score it on the left-out site's true pairs."""
-    if (direction, fold) in study.matched:
-        return study.matched[direction, fold]
+@dataclass
+class NaiveArms:
+    """The naive baselines of one fold: fitted on its training sites, scored on the left-out
+    site's pairs (kept, with the predictors, for the image grid)."""
+
+    metrics: dict[str, dict[str, float]]  # baseline -> mean over the left-out site's subjects
+    predictors: dict[str, Predictor]
+    pairs: list[tuple[str, PairedSlices]]
+    sites: list[str]  # the training sites whose statistics were summed
+
+
+def naive_arms(study: Study, direction: str, fold: str) -> NaiveArms:
+    """The constant, histogram matching and lookup table arms of a fold, from the training
+    sites' summed statistics (model scale, as training sees the data); scored on the left-out
+    site's true pairs, in the mask the models are scored in."""
+    if (direction, fold) in study.naive:
+        return study.naive[direction, fold]
     folder = experiment_dir(study, direction, fold)
-    config = study.config(direction, "histogram")
-    reference = []
-    for site_dir in sorted((folder / "split" / "train").iterdir()):
-        site = load_site(site_dir, config.data, cache_dir=study.cache, seed=config.training.seed)
-        reference += [v.stack.slices[v.stack.masks] for v in site.domain_b]
-    matcher = HistogramMatcher(np.concatenate(reference))
-
-    def translate(slices: np.ndarray) -> np.ndarray:
-        return np.stack([matcher(s, s > -1.0 + 1e-6) for s in slices]).astype(np.float32)
-
-    name, pairs = site_pairs(study.sites[fold], config.data, study.cache)
-    report = evaluate_pairs(name, direction, pairs, translate)
-    study.matched[direction, fold] = {"metrics": dict(report.mean), "translate": translate}
-    return study.matched[direction, fold]
+    config = study.config(direction, "naive")
+    train = {d.name: d for d in sorted((folder / "split" / "train").iterdir()) if d.is_dir()}
+    naive = naive_baselines(config, train, study.cache)
+    name, pairs = site_pairs(study.test_site(fold), config.data, study.cache)
+    metrics = {
+        arm: dict(evaluate_predictor(name, direction, pairs, predict).mean)
+        for arm, predict in naive.predictors.items()
+    }
+    for arm, reason in naive.skipped.items():
+        study.echo(f"   {arm}: not fitted ({reason})")
+    study.naive[direction, fold] = NaiveArms(metrics, naive.predictors, pairs, naive.sites)
+    return study.naive[direction, fold]
 
 
 # ----------------------------------------------------------------------------- the table
@@ -282,7 +324,7 @@ def histogram_matching(study: Study, direction: str, fold: str) -> dict[str, Any
 def fold_rows(study: Study, direction: str, fold: str) -> dict[str, dict[str, Any]]:
     """Arm -> {"metrics": ..., "site": the training site of a local model}, for one fold."""
     results = ExperimentResults.read(experiment_dir(study, direction, fold))
-    unseen = unseen_name(study.sites[fold])
+    unseen = unseen_name(study.test_site(fold))
     sources = {s.site: ", ".join(s.source) for s in results.split.sites}
     rows: dict[str, dict[str, Any]] = {}
     locals_: list[dict[str, Any]] = []
@@ -304,7 +346,8 @@ def fold_rows(study: Study, direction: str, fold: str) -> dict[str, dict[str, An
             },
             "models": locals_,
         }
-    rows[HISTOGRAM] = {"metrics": histogram_matching(study, direction, fold)["metrics"]}
+    for arm, metrics in naive_arms(study, direction, fold).metrics.items():
+        rows[arm] = {"metrics": metrics}
     for variant in study.variants if fold == study.folds[0] else []:
         folder = experiment_dir(study, direction, fold, variant)
         if not (folder / "results.json").exists():
@@ -330,7 +373,7 @@ def round_curves(study: Study, direction: str) -> dict[str, dict[str, list[float
         folder = experiment_dir(study, direction, fold, variant)
         if not (folder / "results.json").exists():
             continue
-        unseen = unseen_name(study.sites[fold])
+        unseen = unseen_name(study.test_site(fold))
         arm = VARIANT_LABELS[variant] if variant else FEDERATED
         curves.setdefault(arm, {})[fold] = [
             float(point.per_site.get(unseen, {}).get("psnr_masked", math.nan))
@@ -396,7 +439,69 @@ def goals(summary: Mapping[str, Any], first_fold: str) -> list[dict[str, Any]]:
             on_fold(VARIANT_LABELS["dp"]) - on_fold(FEDERATED),
             -2.0,
         )
+    if FEDERATED in summary:
+        out.append(beats_naive(summary))
     return out
+
+
+def beats_naive(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The goal "federated beats the best naive baseline by >= 1.0 dB masked PSNR and >= 0.05
+    SSIM, in the mean and on >= 4 of the folds". The best naive baseline is taken per metric:
+    in the mean, the baseline with the best mean; on a fold, the best baseline on that fold."""
+    naive = [arm for arm in BASELINE_NAMES if arm in summary]
+
+    def cell(arm: str, key: str) -> dict[str, Any]:
+        return dict(summary.get(arm, {}).get(key, {}))
+
+    def best(key: str, fold: str | None = None) -> float:
+        values = [
+            float(cell(arm, key).get("mean", math.nan))
+            if fold is None
+            else float(cell(arm, key).get("folds", {}).get(fold, math.nan))
+            for arm in naive
+        ]
+        finite = [v for v in values if math.isfinite(v)]
+        return max(finite) if finite else math.nan
+
+    def gap(key: str, fold: str | None = None) -> float:
+        entry = cell(FEDERATED, key)
+        value = entry.get("mean", math.nan) if fold is None else entry.get("folds", {}).get(fold)
+        return float(value if value is not None else math.nan) - best(key, fold)
+
+    def passes(psnr: float, ssim: float) -> bool:
+        return (
+            math.isfinite(psnr)
+            and math.isfinite(ssim)
+            and psnr >= NAIVE_GOAL_DB
+            and ssim >= NAIVE_GOAL_SSIM
+        )
+
+    folds = list(cell(FEDERATED, "psnr_masked").get("folds", {}))
+    per_fold = {fold: (gap("psnr_masked", fold), gap("ssim_masked", fold)) for fold in folds}
+    folds_met = sum(passes(*gaps) for gaps in per_fold.values())
+    psnr, ssim = gap("psnr_masked"), gap("ssim_masked")
+    in_mean = passes(psnr, ssim)
+    met = in_mean and folds_met >= NAIVE_GOAL_FOLDS
+    missing = []
+    if not in_mean:
+        missing.append("in the mean")
+    if folds_met < NAIVE_GOAL_FOLDS:
+        missing.append(f"on {folds_met} of {len(folds)} folds, {NAIVE_GOAL_FOLDS} needed")
+    return {
+        "goal": f"federated beats the best naive baseline by >= {NAIVE_GOAL_DB:.1f} dB and "
+        f">= {NAIVE_GOAL_SSIM:.2f} SSIM, in the mean and on >= {NAIVE_GOAL_FOLDS} folds",
+        "value": psnr,
+        "threshold": NAIVE_GOAL_DB,
+        "ssim_value": ssim,
+        "ssim_threshold": NAIVE_GOAL_SSIM,
+        "per_fold": {fold: {"psnr": p, "ssim": q} for fold, (p, q) in per_fold.items()},
+        "folds_met": folds_met,
+        "min_folds": NAIVE_GOAL_FOLDS,
+        "met": met,
+        "measured": f"{psnr:+.2f} dB, {ssim:+.3f} SSIM in the mean; "
+        f"{folds_met} of {len(folds)} folds",
+        "verdict": "met" if met else "missed: " + "; ".join(missing),
+    }
 
 
 # ----------------------------------------------------------------------------- MRI -> CT
@@ -414,7 +519,9 @@ def ct_pool(study: Study) -> Path:
     assert study.ct_site is not None
     pool = study.out / "ct" / "pool"
     owner: dict[str, Path] = {}
-    for site_dir in [*study.sites.values(), study.ct_site]:
+    # The co-registered MRI sites' T1w (the raw clinical site keeps its skull and is not here).
+    mri = [path for name, path in study.sites.items() if name not in study.scored]
+    for site_dir in [*mri, study.ct_site]:
         for scan in discover_site(site_dir).scans:
             if scan.modality not in (Modality.T1W, Modality.CT):
                 continue
@@ -450,7 +557,8 @@ def run_ct(study: Study) -> dict[str, Any]:
     if (checkpoint / "checkpoint.json").exists() and (folder / "trained").exists():
         study.echo("== T1w -> CT: trained earlier")
     else:
-        study.echo(f"== T1w -> CT: {epochs} epochs on {len(study.sites)} MRI sites' T1w + CT")
+        trained_on = len(study.sites) - len(study.scored)
+        study.echo(f"== T1w -> CT: {epochs} epochs on {trained_on} MRI sites' T1w + CT")
         config.run_dir.mkdir(parents=True, exist_ok=True)
         train_local([pool], config, resume=True, evaluate=False, progress=True)
         (folder / "trained").write_text("done\n", encoding="utf-8")
@@ -589,7 +697,7 @@ def mri_grid(study: Study, direction: str, path: Path, variants: bool = False) -
     folds = study.folds[:1] if variants else study.folds
     for fold in folds:
         folder = experiment_dir(study, direction, fold)
-        sample = folder / "samples" / f"{unseen_name(study.sites[fold])}.npz"
+        sample = folder / "samples" / f"{unseen_name(study.test_site(fold))}.npz"
         if not sample.exists():
             continue
         with np.load(sample, allow_pickle=False) as data:
@@ -607,9 +715,8 @@ def mri_grid(study: Study, direction: str, path: Path, variants: bool = False) -
                         image = np.asarray(data[sample_key(FEDERATED)])
                 row.append((VARIANT_LABELS[variant], image))
         else:
-            source = arrays["source"]
-            matcher = histogram_matching(study, direction, fold)["translate"]
-            row.append((HISTOGRAM, matcher(source[None])[0]))
+            for arm, image in naive_panels(study, direction, fold, results, arrays).items():
+                row.append((arm, image))
             for key in sorted(k for k in arrays if k.startswith(sample_key(LOCAL_PREFIX))):
                 site = key.removeprefix(sample_key(LOCAL_PREFIX))
                 row.append((f"local {sources.get(site, site)}", arrays[key]))
@@ -634,6 +741,32 @@ def mri_grid(study: Study, direction: str, path: Path, variants: bool = False) -
                 ax.imshow(np.squeeze(image), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
     fig.suptitle(f"{direction}: each row a left-out hospital, never seen in training", fontsize=8)
     return _save(fig, path)
+
+
+def naive_panels(
+    study: Study,
+    direction: str,
+    fold: str,
+    results: ExperimentResults,
+    arrays: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The naive baselines' prediction of the fold's sample slice, each computed on the whole
+    subject as it was scored (histogram matching takes the subject's quantiles)."""
+    naive = naive_arms(study, direction, fold)
+    unseen = unseen_name(study.test_site(fold))
+    sample = next((s for s in results.samples if s.site == unseen), None)
+    paired = next((p for label, p in naive.pairs if sample and label == sample.subject), None)
+    panels = {}
+    for arm in BASELINE_NAMES:
+        predict = naive.predictors.get(arm)
+        if predict is None:
+            continue
+        if sample is not None and paired is not None and sample.slice_index < len(paired):
+            image = predict(paired.a, paired.masks.astype(bool))[sample.slice_index]
+        else:  # a sample drawn otherwise: the slice alone
+            image = predict(arrays["source"][None], np.asarray(arrays["mask"], bool)[None])[0]
+        panels[arm] = image
+    return panels
 
 
 def ct_grid(study: Study, ct: Mapping[str, Any], path: Path) -> str:
@@ -687,7 +820,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-ARM_ORDER = (FEDERATED, *VARIANT_LABELS.values(), POOLED, LOCAL_MEAN, HISTOGRAM, UNTRAINED)
+ARM_ORDER = (
+    FEDERATED,
+    *VARIANT_LABELS.values(),
+    POOLED,
+    LOCAL_MEAN,
+    LOOKUP_TABLE,
+    HISTOGRAM,
+    CONSTANT,
+    UNTRAINED,
+)
 
 
 def direction_section(
@@ -749,11 +891,12 @@ def direction_section(
     if dp.get("epsilon"):
         spent = ", ".join(f"{s} {e:.2f}" for s, e in sorted(dp["epsilon"].items()))
         lines += ["", f"DP: cumulative epsilon per site at delta {dp.get('delta')}: {spent}."]
-    lines += ["", "### Goals (masked PSNR)", ""]
+    lines += ["", "### Goals (masked PSNR; the last one SSIM too)", ""]
     rows = []
     for goal in entry["goals"]:
         verdict = "met" if goal["met"] else f"missed by {goal['threshold'] - goal['value']:.2f} dB"
-        rows.append([goal["goal"], f"{goal['value']:+.2f} dB", verdict])
+        measured = goal.get("measured", f"{goal['value']:+.2f} dB")
+        rows.append([goal["goal"], measured, goal.get("verdict", verdict)])
     lines += _table(["goal", "measured", "verdict"], rows)
     for key, caption in (("grid", "every arm"), ("variants", "the variants")):
         if key in figures:
@@ -939,7 +1082,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        sites, ct_site = find_sites(args.data)
+        sites, scored, ct_site = find_sites(args.data)
         folds = args.folds or list(sites)
         unknown = [f for f in folds if f not in sites]
         if unknown:
@@ -957,6 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             variants=list(args.variants),
             ct=not args.no_ct,
             sites=sites,
+            scored=scored,
             ct_site=ct_site,
             echo=lambda line: print(line, flush=True),
         )

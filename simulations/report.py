@@ -31,8 +31,12 @@ from pydantic import ValidationError
 
 from common.io import READABLE, atomic_save, atomic_write_text
 from simulations.results import (
+    CONSTANT,
     FEDERATED,
+    HISTOGRAM,
     LOCAL_PREFIX,
+    LOOKUP_TABLE,
+    NAIVE,
     POOLED,
     RESULTS_NAME,
     UNTRAINED,
@@ -62,7 +66,14 @@ BANDS = ("kspace_low", "kspace_mid", "kspace_high")
 _FIXED_FIGURES = frozenset({"curves.png", "sites.png", "epsilon.png", "kspace.png", "grid.png"})
 _SAMPLES_PREFIX = "samples-"
 
-_FIXED_COLOURS = {UNTRAINED: "tab:gray", FEDERATED: "tab:blue", POOLED: "tab:green"}
+_FIXED_COLOURS = {
+    UNTRAINED: "tab:gray",
+    FEDERATED: "tab:blue",
+    POOLED: "tab:green",
+    CONSTANT: "silver",
+    HISTOGRAM: "sienna",
+    LOOKUP_TABLE: "black",
+}
 _OTHER_COLOURS = (
     "tab:orange",
     "tab:purple",
@@ -84,6 +95,15 @@ _FOOTNOTE = [
     "trained on them. Higher PSNR and SSIM are better; lower MAE and lower k-space band errors "
     "(mean absolute log-amplitude error per frequency band) are better. "
     f"{MISSING} marks a value that was not measured.",
+    "",
+    "The naive baselines learn nothing: they are fitted from the training sites' intensity "
+    "statistics (each site's own histograms, summed; never a test subject) and scored on the "
+    "same subjects, slices and mask as the models, writing the background outside the mask. "
+    f"`{CONSTANT}` predicts the training sites' mean target intensity inside the mask; "
+    f"`{HISTOGRAM}` maps each test subject's source intensity quantiles onto the training "
+    f"target quantiles (a monotone map: it cannot invert contrast); `{LOOKUP_TABLE}` maps each "
+    "source intensity to the mean target intensity the training pairs have at that intensity "
+    "(256 bins on the model scale, linear between bin centres).",
 ]
 
 
@@ -176,8 +196,8 @@ def headline_lines(results: ExperimentResults) -> list[str]:
     """A few plain-text lines summing up an experiment, for the terminal.
 
     Mean masked PSNR / SSIM of the federated, pooled, untrained and smallest site's local-only
-    models (those present), the federated gain over the untrained model, the worst final
-    epsilon when privacy is on, and the total time.
+    models (those present), the federated gain over the untrained model and over the best naive
+    baseline, the worst final epsilon when privacy is on, and the total time.
 
     Args:
         results: The experiment's results.
@@ -206,8 +226,15 @@ def headline_lines(results: ExperimentResults) -> list[str]:
             continue
         psnr = _metric(model, PSNR)
         text = f"  {label}: PSNR {_fmt(psnr, 2)} dB, SSIM {_fmt(_metric(model, SSIM), 3)}"
-        if label == "federated" and untrained is not None:
-            text += f" ({_fmt_delta(psnr - _metric(untrained, PSNR))} dB vs untrained)"
+        if label == "federated":
+            versus = []
+            if untrained is not None:
+                versus.append(f"{_fmt_delta(psnr - _metric(untrained, PSNR))} dB vs untrained")
+            best = _best_naive(results)
+            if best is not None:
+                versus.append(f"{_fmt_delta(psnr - _metric(best, PSNR))} dB vs {best.name}")
+            if versus:
+                text += f" ({', '.join(versus)})"
         lines.append(text)
     if len(lines) == 1:
         lines.append("  no model was evaluated")
@@ -282,7 +309,51 @@ def _headline_section(results: ExperimentResults) -> list[str]:
         rows.append(row)
     lines += _table(header, rows, align="l" + "r" * 6 + ("l" if any_skipped else ""))
     lines.append("")
+    chosen = [m for m in models if m.selected and m.skipped is None]
+    if chosen:
+        lines.append(
+            "Which checkpoint is scored (chosen on the training sites' own validation data, "
+            "never on a test site): "
+            + "; ".join(f"`{m.name}` {_escape(m.selected or '')}" for m in chosen)
+            + "."
+        )
+        lines.append("")
+    standing = _standing(results)
+    if standing is not None:
+        lines += [standing, ""]
     return lines
+
+
+def _best_naive(results: ExperimentResults) -> ModelResult | None:
+    """The naive baseline with the best mean masked PSNR (None when none was scored)."""
+    scored = [
+        model
+        for name in NAIVE
+        if (model := _trained(results.model(name))) is not None
+        and math.isfinite(_metric(model, PSNR))
+    ]
+    return max(scored, key=lambda model: _metric(model, PSNR), default=None)
+
+
+def _standing(results: ExperimentResults) -> str | None:
+    """One sentence: where the federated model stands against the best naive baseline."""
+    federated = _trained(results.model(FEDERATED))
+    if federated is None:
+        return None
+    best = _best_naive(results)
+    if best is None:
+        return (
+            "No naive baseline was scored, so nothing says whether the federated model beats one."
+        )
+    gap = _metric(federated, PSNR) - _metric(best, PSNR)
+    if not math.isfinite(gap):
+        return None
+    side = "above" if gap >= 0 else "below"
+    return (
+        f"**The federated model is {abs(gap):.2f} dB {side} the {best.name}**, the best naive "
+        f"baseline (mean masked PSNR; SSIM {_fmt(_metric(federated, SSIM), 3)} against "
+        f"{_fmt(_metric(best, SSIM), 3)})."
+    )
 
 
 def _split_section(results: ExperimentResults) -> list[str]:
@@ -416,6 +487,41 @@ def _sites_section(results: ExperimentResults, figures: _FigureWriter) -> list[s
     if trimmed:
         note += " Local-only models: the smallest and largest sites only."
     lines += [note + " The PSNR axis does not start at zero.", ""]
+    lines += _sites_table(results, models, sites)
+    return lines
+
+
+def _sites_table(
+    results: ExperimentResults, models: Sequence[ModelResult], sites: Sequence[str]
+) -> list[str]:
+    """Masked PSNR / SSIM per site and model (best PSNR of a site in bold), and the federated
+    model's PSNR gap to the best naive baseline at that site."""
+    naive = [m for m in models if m.name in NAIVE]
+    federated = next((m for m in models if m.name == FEDERATED), None)
+    gap = federated is not None and bool(naive)
+    header = ["Site", *(f"`{m.name}`" for m in models)]
+    if gap:
+        header.append("Federated − best naive (dB)")
+    rows = []
+    for site in sites:
+        psnrs = [_get(m.per_site.get(site), PSNR) for m in models]
+        best = _best_indices(psnrs, higher=True)
+        row = [_escape(site)]
+        for index, (model, psnr) in enumerate(zip(models, psnrs, strict=True)):
+            ssim = _get(model.per_site.get(site), SSIM)
+            cell = f"{_fmt(psnr, 2)} / {_fmt(ssim, 3)}"
+            row.append(f"**{cell}**" if index in best else cell)
+        if gap:
+            assert federated is not None
+            baseline = max(
+                (_get(m.per_site.get(site), PSNR) for m in naive),
+                key=lambda value: value if math.isfinite(value) else -math.inf,
+            )
+            row.append(_fmt_delta(_get(federated.per_site.get(site), PSNR) - baseline))
+        rows.append(row)
+    lines = ["Masked PSNR (dB) / SSIM per site; the best PSNR of each site in bold.", ""]
+    lines += _table(header, rows, align="l" + "r" * (len(header) - 1))
+    lines.append("")
     return lines
 
 
@@ -588,7 +694,7 @@ def _load_cell(label: str, folder: Path) -> _Cell:
         return _Cell(label, folder, None, f"unreadable {RESULTS_NAME}")
 
 
-_GRID_MODELS = ("federated", "pooled", "local (smallest site)", "untrained")
+_GRID_MODELS = ("federated", "pooled", "local (smallest site)", LOOKUP_TABLE, "untrained")
 
 
 def _grid_models(results: ExperimentResults) -> list[ModelResult | None]:
@@ -596,6 +702,7 @@ def _grid_models(results: ExperimentResults) -> list[ModelResult | None]:
         _trained(results.model(FEDERATED)),
         _trained(results.model(POOLED)),
         _smallest_local(results),
+        _trained(results.model(LOOKUP_TABLE)),
         _trained(results.model(UNTRAINED)),
     ]
 
@@ -608,7 +715,9 @@ def _grid_table(cells: Sequence[_Cell], folder: Path) -> list[str]:
     values: list[list[float]] = []  # per cell: PSNR, SSIM per model
     for cell in cells:
         row_values: list[float] = []
-        models = _grid_models(cell.results) if cell.results is not None else [None] * 4
+        models = (
+            _grid_models(cell.results) if cell.results is not None else [None] * len(_GRID_MODELS)
+        )
         for model in models:
             row_values += [_metric(model, PSNR), _metric(model, SSIM)]
         values.append(row_values)
@@ -664,8 +773,14 @@ def _grid_figure(cells: Sequence[_Cell], figures: _FigureWriter) -> str | None:
         cell.label if cell.results is not None else f"{cell.label}\n(not run)" for cell in cells
     ]
     fig, axes = _new_figure(max(6.0, 1.3 * len(cells) + 2.5), 3.4, 1)
-    colours = [_FIXED_COLOURS[FEDERATED], _FIXED_COLOURS[POOLED], _cycle(0)]
-    _grouped_bars(axes[0], groups, series, [*colours, _FIXED_COLOURS[UNTRAINED]])
+    colours = [
+        _FIXED_COLOURS[FEDERATED],
+        _FIXED_COLOURS[POOLED],
+        _cycle(0),
+        _FIXED_COLOURS[LOOKUP_TABLE],
+        _FIXED_COLOURS[UNTRAINED],
+    ]
+    _grouped_bars(axes[0], groups, series, colours)
     axes[0].set_title(_METRIC_TITLES[PSNR] + " per cell", fontsize=9)
     _crop_bottom(axes[0], [h for _, heights in series for h in heights])
     if len(cells) > 4:
@@ -843,8 +958,9 @@ def _plottable(value: float | None) -> float:
 
 
 def _ordered_models(results: ExperimentResults) -> list[ModelResult]:
-    """Untrained, federated, pooled, then local models in split order, then anything else."""
-    fixed = {UNTRAINED: 0, FEDERATED: 1, POOLED: 2}
+    """Untrained, the naive baselines (weakest first), federated, pooled, then local models in
+    split order, then anything else."""
+    fixed = {name: index for index, name in enumerate((UNTRAINED, *NAIVE, FEDERATED, POOLED))}
     site_rank = {site.site: index for index, site in enumerate(results.split.sites)}
 
     def key(model: ModelResult) -> tuple[int, int, str]:
@@ -900,8 +1016,13 @@ def _shown_locals(
 
 
 def _baselines(results: ExperimentResults) -> tuple[list[ModelResult], bool]:
-    """The models drawn as horizontal lines beside the federated curve."""
-    fixed = [_trained(results.model(POOLED)), _trained(results.model(UNTRAINED))]
+    """The models drawn as horizontal lines beside the federated curve: pooled, untrained, the
+    best naive baseline and the local models."""
+    fixed = [
+        _trained(results.model(POOLED)),
+        _trained(results.model(UNTRAINED)),
+        _best_naive(results),
+    ]
     local, trimmed = _shown_locals(results, _local_models(results))
     return [m for m in fixed if m is not None] + local, trimmed
 

@@ -14,15 +14,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.baselines import BASELINE_NAMES
+from common.baselines import CONSTANT as CONSTANT
+from common.baselines import HISTOGRAM as HISTOGRAM
+from common.baselines import LOOKUP_TABLE as LOOKUP_TABLE
 from common.io import READABLE, atomic_write_text
 
 RESULTS_NAME = "results.json"
 
 # The model names every experiment may hold; "local:<site>" is one local-only model per site.
+# The naive baselines of common.baselines (NAIVE: CONSTANT, HISTOGRAM, LOOKUP_TABLE) are fitted
+# from the training sites' summed intensity statistics, with no training.
 UNTRAINED = "untrained"
 FEDERATED = "federated"
 POOLED = "pooled"
 LOCAL_PREFIX = "local:"
+NAIVE = BASELINE_NAMES
 
 
 def local_model(site: str) -> str:
@@ -82,7 +89,7 @@ class RoundPoint(_Model):
 class ModelResult(_Model):
     """One trained (or untrained) model, evaluated on every site's held-out test subjects."""
 
-    name: str  # UNTRAINED, FEDERATED, POOLED or local_model(site)
+    name: str  # UNTRAINED, FEDERATED, POOLED, local_model(site) or one of NAIVE
     per_site: dict[str, dict[str, float]] = Field(default_factory=dict)
     mean: dict[str, float] = Field(default_factory=dict)  # test-slice-weighted over sites
     train_seconds: float = 0.0
@@ -90,11 +97,13 @@ class ModelResult(_Model):
     steps: int = 0
     checkpoint: str | None = None  # relative to the experiment folder
     skipped: str | None = None  # why the model was not trained (e.g. a site without domain B)
+    selected: str | None = None  # how the scored checkpoint was chosen (on validation data)
 
 
 def sample_key(model: str) -> str:
-    """The ``.npz`` key of a model's synthesis (``local:site-1`` -> ``local_site-1``)."""
-    return model.replace(":", "_")
+    """The ``.npz`` key of a model's synthesis (``local:site-1`` -> ``local_site-1``,
+    ``lookup table`` -> ``lookup_table``)."""
+    return model.replace(":", "_").replace(" ", "_")
 
 
 class SampleSlices(_Model):
@@ -125,6 +134,9 @@ class ExperimentResults(_Model):
     timing: dict[str, float] = Field(default_factory=dict)  # phase -> seconds
     machine: str = ""
     headline: dict[str, float] = Field(default_factory=dict)
+    # The naive baselines' source: {"sites": the training sites whose statistics were summed,
+    # "statistics": common.baselines.IntensityStats.to_dict() of the sum}.
+    naive: dict[str, Any] = Field(default_factory=dict)
 
     def model(self, name: str) -> ModelResult | None:
         return next((m for m in self.models if m.name == name), None)

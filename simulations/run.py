@@ -12,7 +12,10 @@ each recorded in ``<experiment>/phases.json`` when it completes so that ``--resu
    ``rounds x local_epochs`` epochs, and all sites' data pooled for as many epochs (the number of
    examples processed then equals the federation's);
 5. **evaluate**: every model (untrained, the federated model after every round, the baselines) on
-   every site's held-out test subjects, plus one sample slice per site;
+   every site's held-out test subjects, plus one sample slice per site; beside them the naive
+   baselines (constant, histogram matching, lookup table: :mod:`common.baselines`), fitted from
+   the training sites' intensity statistics, each computed from the site's own training
+   subjects and summed as a coordinator would (no image pooled), scored on the same subjects;
 6. **report**: ``results.json`` and ``report.md`` with figures (:mod:`simulations.report`).
 """
 
@@ -36,20 +39,33 @@ import torch
 import typer
 from rich.console import Console
 
-from client.local import train_local
+from client.local import BEST_CHECKPOINT_DIR, best_epoch, train_local
+from common.baselines import (
+    IntensityStats,
+    Predictor,
+    fit_baselines,
+    site_statistics,
+)
 from common.checkpoint import read_metadata
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.config import ConfigError, RunConfig, load_config, write_resolved_config
 from common.data.errors import ScanError
 from common.data.site import load_site
-from common.evaluation import EvaluationReport, evaluate_pairs, site_pairs
+from common.evaluation import EvaluationReport, evaluate_predictor, site_pairs
 from common.flower import FlowerError
 from common.io import atomic_write_text
 from common.modalities import Direction
 from common.models import define_cyclegan
 from common.phantom import draw_site_scanner, generate_consortium
 from common.synthesis import Synthesizer
-from server.checkpoint import ROUND_RECORD, latest_round, round_dir
+from server.checkpoint import (
+    EMA_DIR,
+    ROUND_RECORD,
+    best_checkpoint,
+    latest_round,
+    read_best,
+    round_dir,
+)
 from simulations.federated import simulate
 from simulations.inprocess import simulate_in_process
 from simulations.partition import (
@@ -64,6 +80,8 @@ from simulations.partition import (
 from simulations.report import headline_lines, write_grid_report, write_report
 from simulations.results import (
     FEDERATED,
+    LOOKUP_TABLE,
+    NAIVE,
     POOLED,
     UNTRAINED,
     ExperimentResults,
@@ -434,15 +452,29 @@ class TestSets:
     def evaluate(
         self, translate: Translate
     ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """Per site, the mean over its test subjects; and the test-slice-weighted mean."""
+        return self.evaluate_predictor(lambda source, _: translate(source))
+
+    def evaluate_predictor(
+        self, predict: Predictor
+    ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """As :meth:`evaluate`, for a predictor given the evaluation mask (a naive baseline)."""
         per_site = {}
         for name, pairs in self.pairs.items():
-            report: EvaluationReport = evaluate_pairs(name, self.direction, pairs, translate)
+            report: EvaluationReport = evaluate_predictor(name, self.direction, pairs, predict)
             per_site[name] = {k: float(v) for k, v in report.mean.items()}
         return per_site, _mean(per_site, self.slices)
 
-    def samples(self, models: Mapping[str, Translate], folder: Path) -> list[SampleSlices]:
+    def samples(
+        self,
+        models: Mapping[str, Translate],
+        folder: Path,
+        predictors: Mapping[str, Predictor] | None = None,
+    ) -> list[SampleSlices]:
         """One slice per site (its first test subject's slice with the most head), every model's
-        synthesis of it, saved as ``samples/<site>.npz``."""
+        synthesis of it, saved as ``samples/<site>.npz``. A predictor (a naive baseline) is run
+        on the subject's whole stack, as it was scored (histogram matching takes the quantiles
+        of the whole subject), and its slice kept."""
         out = []
         (folder / "samples").mkdir(exist_ok=True)
         for name, pairs in self.pairs.items():
@@ -455,6 +487,8 @@ class TestSets:
             }
             for model, translate in models.items():
                 arrays[sample_key(model)] = translate(paired.a[index : index + 1])[0]
+            for model, predict in (predictors or {}).items():
+                arrays[sample_key(model)] = predict(paired.a, paired.masks.astype(bool))[index]
             path = folder / "samples" / f"{name}.npz"
             np.savez_compressed(path, **arrays)
             out.append(
@@ -466,6 +500,63 @@ class TestSets:
                 )
             )
         return out
+
+
+@dataclass
+class NaiveBaselines:
+    """The naive baselines of an experiment and where they come from.
+
+    Attributes:
+        sites: the training sites whose statistics were summed (those that could load).
+        statistics: their sum, what a coordinator would hold.
+        predictors: the fitted baselines by name (:data:`common.baselines.BASELINE_NAMES`).
+        skipped: the baselines the statistics cannot fit, with the reason.
+        seconds: the time to compute the statistics and fit.
+    """
+
+    sites: list[str]
+    statistics: IntensityStats
+    predictors: dict[str, Predictor]
+    skipped: dict[str, str]
+    seconds: float
+
+
+def naive_baselines(
+    config: RunConfig, train_dirs: Mapping[str, Path], cache: Path | None = None
+) -> NaiveBaselines:
+    """Fit the naive baselines as a federation would: each training site computes its
+    statistics from its own training subjects (``train_dirs``: site name -> its training
+    folder; never test or unseen subjects), the coordinator sums them and fits."""
+    start = time.perf_counter()
+    sites, per_site = [], []
+    for name, train_dir in train_dirs.items():
+        try:
+            site = load_site(train_dir, config.data, cache_dir=cache, seed=config.training.seed)
+        except (ScanError, ValueError) as exc:
+            logger.info("%s adds no baseline statistics: %s", name, exc)
+            continue
+        per_site.append(site_statistics(site))
+        sites.append(name)
+    statistics = IntensityStats.merge_all(per_site)
+    predictors, skipped = fit_baselines(statistics)
+    for name, reason in skipped.items():
+        logger.warning("no %s baseline: %s", name, reason)
+    return NaiveBaselines(sites, statistics, predictors, skipped, time.perf_counter() - start)
+
+
+def _selected_round(run_dir: Path, last: int, config: RunConfig) -> tuple[int, Path, str]:
+    """The federated round to report: the best on the sites' validation data (the EMA weights
+    of that round with ``federation.ema_decay``), else the last round, and how it was chosen."""
+    best = read_best(run_dir)
+    if best is None:
+        return last, round_dir(run_dir, last), f"last round ({last}): no site validated"
+    ema = config.federation.ema_decay is not None
+    folder = best_checkpoint(run_dir, ema=ema) or round_dir(run_dir, best.round)
+    how = (
+        f"round {best.round} of {last}, best on the sites' validation data "
+        f"({best.score:.2f} dB masked PSNR)"
+    )
+    return best.round, folder, how + (", EMA weights" if folder.name == EMA_DIR else "")
 
 
 def _rounds(run_dir: Path, tests: TestSets, untrained: dict[str, Any]) -> list[RoundPoint]:
@@ -574,11 +665,9 @@ def run_experiment(
             f"federation.min_sites is {config.federation.min_sites}"
         )
     misalignment = [s.misalignment for s in plan.sites]
-    # The sites' own per-round evaluation (on their training subjects) is replaced by the
-    # evaluation of every round's model on the held-out subjects below.
-    fed_config = config.model_copy(
-        update={"federation": config.federation.model_copy(update={"evaluate_sites": False})}
-    )
+    # The sites score every round on their own validation data (never on the test subjects):
+    # the coordinator keeps the best round by that score, and that round is what is reported.
+    fed_config = config
     if config.data.misalignment == "none" and any(m != "none" for m in misalignment):
         # Registration (training.registration = "auto") follows the data's misalignment; the
         # most severe site decides, so every site trains the same networks.
@@ -653,18 +742,23 @@ def run_experiment(
     translators: dict[str, Translate] = {UNTRAINED: untrained_translate}
     last = latest_round(run_dir)
     if last is not None:
-        checkpoint = round_dir(run_dir, last)
+        chosen, checkpoint, selected = _selected_round(run_dir, last, config)
+        point = next((p for p in rounds if p.round == chosen), rounds[-1])
         translators[FEDERATED] = _checkpoint(checkpoint)
+        per_site, mean = point.per_site, point.mean
+        if checkpoint.name == EMA_DIR:
+            per_site, mean = tests.evaluate(translators[FEDERATED])
         fed_seconds = sum(p.seconds for p in rounds)
         models.insert(
             1,
             ModelResult(
                 name=FEDERATED,
-                per_site=rounds[-1].per_site,
-                mean=rounds[-1].mean,
+                per_site=per_site,
+                mean=mean,
                 train_seconds=phases.done.get("federated", fed_seconds),
-                epochs=last * config.federation.local_epochs,
+                epochs=chosen * config.federation.local_epochs,
                 checkpoint=str(checkpoint.relative_to(folder)),
+                selected=selected,
             ),
         )
     for kind, run_name in [(POOLED, "pooled")] + [
@@ -673,6 +767,12 @@ def run_experiment(
         checkpoint = baselines / run_name / "checkpoint"
         if not (checkpoint / "checkpoint.json").exists():
             continue
+        last_epoch = read_metadata(checkpoint).epoch
+        selected = f"last epoch ({last_epoch})"
+        if (baselines / run_name / BEST_CHECKPOINT_DIR / "checkpoint.json").exists():
+            checkpoint = baselines / run_name / BEST_CHECKPOINT_DIR
+            epoch = best_epoch(baselines / run_name)
+            selected = f"epoch {epoch} of {last_epoch}, best on the sites' validation data"
         meta = read_metadata(checkpoint)
         translators[kind] = _checkpoint(checkpoint)
         per_site, mean = tests.evaluate(translators[kind])
@@ -684,10 +784,21 @@ def run_experiment(
             epochs=meta.epoch,
             steps=meta.step,
             checkpoint=str(checkpoint.relative_to(folder)),
+            selected=selected,
         )
         models = [m for m in models if m.name != kind]
         models.append(result)
-    samples = tests.samples(translators, folder) if config.simulation.samples else []
+    naive = naive_baselines(config, {s.name: folders[s.name][0] for s in trainable}, cache)
+    for name in NAIVE:
+        if name not in naive.predictors:
+            models.append(ModelResult(name=name, skipped=naive.skipped.get(name, "not fitted")))
+            continue
+        per_site, mean = tests.evaluate_predictor(naive.predictors[name])
+        models.append(
+            ModelResult(name=name, per_site=per_site, mean=mean, train_seconds=naive.seconds)
+        )
+    shown = {k: v for k, v in naive.predictors.items() if k == LOOKUP_TABLE}
+    samples = tests.samples(translators, folder, shown) if config.simulation.samples else []
     phases.mark("evaluate", time.perf_counter() - evaluate_start)
 
     privacy: dict[str, Any] = {"enabled": config.privacy.enabled}
@@ -716,6 +827,7 @@ def run_experiment(
         machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{platform.python_implementation()} {platform.python_version()}",
         headline=_headline(models),
+        naive={"sites": naive.sites, "statistics": naive.statistics.to_dict()},
     )
     results.write(folder)
     report = write_report(folder, results)

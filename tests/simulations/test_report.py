@@ -18,7 +18,10 @@ from simulations.report import (
     write_report,
 )
 from simulations.results import (
+    CONSTANT,
     FEDERATED,
+    HISTOGRAM,
+    LOOKUP_TABLE,
     POOLED,
     UNTRAINED,
     ExperimentResults,
@@ -33,14 +36,19 @@ from simulations.results import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Mean masked metrics per model: (PSNR, SSIM, MAE). Pooled has the best PSNR and SSIM, the
-# federated model the best MAE, so the bold marks land on different rows.
+# federated model the best MAE, so the bold marks land on different rows. The lookup table is
+# the best naive baseline, 1.79 dB below the federated model.
 MEANS = {
     UNTRAINED: (19.9034, 0.4123, 0.0912),
+    CONSTANT: (14.0021, 0.2101, 0.1403),
+    HISTOGRAM: (21.5550, 0.5012, 0.0710),
+    LOOKUP_TABLE: (24.7000, 0.7555, 0.0455),
     FEDERATED: (26.4871, 0.8012, 0.0301),
     POOLED: (27.2513, 0.8345, 0.0315),
     local_model("site-1"): (23.1049, 0.7011, 0.0511),
     local_model("site-2"): (25.0066, 0.7702, 0.0402),
 }
+UNTRAINED_OR_NAIVE = (UNTRAINED, CONSTANT, HISTOGRAM, LOOKUP_TABLE)
 SITES = [
     SiteSplit(
         site="site-1",
@@ -109,8 +117,8 @@ def make_results(privacy: bool) -> ExperimentResults:
                 name=name,
                 per_site=per_site,
                 mean=site_metrics(psnr, ssim, mae, 0.0),
-                train_seconds=0.0 if name == UNTRAINED else 123.4,
-                epochs=0 if name == UNTRAINED else 6,
+                train_seconds=0.0 if name in UNTRAINED_OR_NAIVE else 123.4,
+                epochs=0 if name in UNTRAINED_OR_NAIVE else 6,
             )
         )
     models.append(ModelResult(name=local_model("site-3"), skipped="site-3 has no domain B"))
@@ -172,6 +180,7 @@ def write_sample(folder: Path) -> None:
         "mask": mask,
         "untrained": np.zeros((16, 16), np.float32),
         "federated": np.clip(target + 0.1, -1, 1),
+        "lookup_table": np.clip(target - 0.05, -1, 1),  # " " stored as "_"
         "local_site-1": np.clip(target - 0.2, -1, 1),  # ":" stored as "_"
     }
     (folder / "samples").mkdir(parents=True)
@@ -254,6 +263,9 @@ def test_headline_table_numbers_delta_and_bold(private: tuple[Path, str]) -> Non
     assert bold_psnr == [f"`{POOLED}`"]
     assert [row[0] for row in rows[1:]] == [
         "`untrained`",
+        "`constant`",
+        "`histogram matching`",
+        "`lookup table`",
         "`federated`",
         "`pooled`",
         "`local:site-1`",
@@ -440,3 +452,61 @@ def test_many_local_models_show_only_the_smallest_and_largest_in_figures(tmp_pat
     assert "local-only, smallest site site-b, 2 subjects: PSNR 22.00" in "\n".join(
         headline_lines(results)
     )
+
+
+def test_the_report_says_where_federated_stands_against_the_best_naive_baseline(
+    private: tuple[Path, str], tmp_path: Path
+) -> None:
+    _, text = private
+    gap = MEANS[FEDERATED][0] - MEANS[LOOKUP_TABLE][0]  # 1.7871
+    sentence = f"**The federated model is {gap:.2f} dB above the lookup table**"
+    assert sentence == "**The federated model is 1.79 dB above the lookup table**"
+    assert sentence in section(text, "Headline")
+    assert f"SSIM {MEANS[FEDERATED][1]:.3f} against {MEANS[LOOKUP_TABLE][1]:.3f}" in text
+    # A lookup table above the federated model: said as plainly.
+    results = make_results(privacy=False)
+    table_model = results.model(LOOKUP_TABLE)
+    assert table_model is not None
+    table_model.mean["psnr_masked"] = 28.0
+    results.samples = []
+    body = section(write_report(tmp_path / "a", results).read_text(), "Headline")
+    assert f"**The federated model is {28.0 - MEANS[FEDERATED][0]:.2f} dB below the lookup " in body
+    # The best naive baseline is whichever scores best: histogram matching here.
+    results.models = [m for m in results.models if m.name != LOOKUP_TABLE]
+    body = section(write_report(tmp_path / "b", results).read_text(), "Headline")
+    gap = MEANS[FEDERATED][0] - MEANS[HISTOGRAM][0]
+    assert f"is {gap:.2f} dB above the histogram matching**" in body
+    # No naive baseline (results from before they were scored): said, not hidden.
+    results.models = [m for m in results.models if m.name not in (CONSTANT, HISTOGRAM)]
+    body = section(write_report(tmp_path / "c", results).read_text(), "Headline")
+    assert "No naive baseline was scored" in body
+
+
+def test_per_site_table_lists_the_baselines_and_the_gap_to_the_best_one(
+    private: tuple[Path, str],
+) -> None:
+    _, text = private
+    rows = table(section(text, "Per-site results"))
+    header = rows[0]
+    for name in (CONSTANT, HISTOGRAM, LOOKUP_TABLE, FEDERATED, POOLED):
+        assert f"`{name}`" in header
+    assert header[-1] == "Federated − best naive (dB)"
+    for site, shift in zip(("site-1", "site-2", "site-3"), (-0.5, 0.5, 0.0), strict=True):
+        row = dict(zip(header, row_of(rows, site), strict=True))
+        psnr, ssim, _ = MEANS[LOOKUP_TABLE]
+        assert row[f"`{LOOKUP_TABLE}`"] == f"{psnr + shift:.2f} / {ssim:.3f}"
+        assert row[f"`{POOLED}`"].startswith("**")  # the best PSNR of the site
+        gap = MEANS[FEDERATED][0] - MEANS[LOOKUP_TABLE][0]  # the same shift at every model
+        assert row["Federated − best naive (dB)"] == f"+{gap:.2f}"
+
+
+def test_terminal_lines_and_grid_report_show_the_lookup_table(tmp_path: Path) -> None:
+    results = make_results(privacy=True)
+    gap = MEANS[FEDERATED][0] - MEANS[LOOKUP_TABLE][0]
+    assert f"+{gap:.2f} dB vs lookup table" in "\n".join(headline_lines(results))
+    results.write(tmp_path / "cell")
+    text = write_grid_report(tmp_path / "grid", [("only", tmp_path / "cell")]).read_text()
+    rows = table(text)
+    column = rows[0].index("Lookup table PSNR")
+    assert rows[1][column] == f"{MEANS[LOOKUP_TABLE][0]:.2f}"
+    assert rows[1][column + 1] == f"{MEANS[LOOKUP_TABLE][1]:.3f}"

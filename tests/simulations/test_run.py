@@ -109,10 +109,11 @@ def test_per_site_misalignment_reaches_each_slice(make_site: SiteMaker, tmp_path
 
     data = DataConfig(spacing_mm=(4.0, 4.0, 4.0), image_size=16, min_foreground=0.05)
     site = load_site(make_site("s", shape=(24, 26, 20)), data, cache_dir=tmp_path / "c")
-    volumes = [*site.domain_b, *site.domain_b]
+    single = site.domain_b[:1]  # weak pairing: domain_b holds both subjects' T2w
+    volumes = [*single, *single]
     mixed = UnpairedSlices(site.domain_a, volumes, misalignment=["none", "severe"], seed=1)
     plain = UnpairedSlices(site.domain_a, volumes, misalignment="none", seed=1)
-    first = len(site.domain_b[0].stack)
+    first = len(single[0].stack)
     moved = [not torch.equal(mixed[i]["b"], plain[i]["b"]) for i in range(len(mixed))]
     b_index = [int(mixed._b_index[i]) for i in range(len(mixed))]
     for changed, index in zip(moved, b_index, strict=True):
@@ -120,7 +121,7 @@ def test_per_site_misalignment_reaches_each_slice(make_site: SiteMaker, tmp_path
             assert not changed  # slices of the aligned volume are never moved
     assert any(moved)
     with pytest.raises(ValueError, match="2 misalignment levels for 1 B volumes"):
-        UnpairedSlices(site.domain_a, site.domain_b, misalignment=["none", "slight"])
+        UnpairedSlices(site.domain_a, single, misalignment=["none", "slight"])
 
 
 def test_a_simulated_site_reads_its_own_misalignment_and_threads() -> None:
@@ -165,6 +166,55 @@ def test_phantom_split_is_reproducible(tmp_path: Path) -> None:
     assert shared.sites[0].scanner == shared.sites[1].scanner
 
 
+def test_naive_baselines_are_summed_from_the_training_sites_and_scored_on_the_test_sets(
+    make_site: SiteMaker, tmp_path: Path
+) -> None:
+    """Each training site's own statistics, summed; a site without a target domain adds none;
+    the baselines are scored on the same test subjects and mask as a model."""
+    from common.baselines import (
+        BASELINE_NAMES,
+        LOOKUP_TABLE,
+        IntensityStats,
+        LookupTableBaseline,
+        site_statistics,
+    )
+    from common.data.datasets import PairedSlices
+    from simulations.run import TestSets, naive_baselines
+
+    config = tiny_config("data.spacing_mm=[4, 4, 4]", "data.image_size=16")
+    shape = (24, 26, 20)
+    site_1 = make_site("site-1", {"sub-01": ["T1w", "T2w"], "sub-02": ["T2w"]}, shape)
+    site_2 = make_site("site-2", {"sub-03": ["T1w", "T2w"], "sub-04": ["T1w", "T2w"]}, shape)
+    site_3 = make_site("site-3", {"sub-05": ["T1w"]}, shape)  # no T2w: nothing to add
+    test = make_site("test-1", {"sub-09": ["T1w", "T2w"]}, shape)
+    cache = tmp_path / "cache"
+    naive = naive_baselines(config, {"site-1": site_1, "site-2": site_2, "site-3": site_3}, cache)
+    assert naive.sites == ["site-1", "site-2"] and list(naive.predictors) == list(BASELINE_NAMES)
+    loaded = [load_site(d, config.data, cache_dir=cache) for d in (site_1, site_2)]
+    direct = IntensityStats.merge_all([site_statistics(s) for s in loaded])
+    np.testing.assert_array_equal(naive.statistics.pair_counts, direct.pair_counts)
+    np.testing.assert_array_equal(naive.statistics.target_counts, direct.target_counts)
+    assert (naive.statistics.pairs, naive.statistics.volumes) == (3, 4)  # pairs; T2w volumes
+    voxels = sum(int(PairedSlices([p]).masks.sum()) for s in loaded for p in s.paired)
+    assert naive.statistics.paired_voxels == voxels
+    # Scored on the test sets like a model, in the evaluation mask; the sample slice too.
+    tests = TestSets(config, {"site-1": (site_1, test)}, cache)
+    per_site, mean = tests.evaluate_predictor(naive.predictors[LOOKUP_TABLE])
+    ((_, paired),) = tests.pairs["site-1"]
+    table = LookupTableBaseline.from_stats(direct)
+    predicted = table(paired.a, paired.masks.astype(bool))
+    error = [
+        np.abs((p[m] - t[m]) / 2).mean()
+        for p, t, m in zip(predicted, paired.b, paired.masks.astype(bool), strict=True)
+        if m.any()
+    ]
+    assert per_site["site-1"]["mae_masked"] == pytest.approx(np.mean(error), abs=1e-6)
+    assert mean["mae_masked"] == pytest.approx(per_site["site-1"]["mae_masked"])
+    (sample,) = tests.samples({}, tmp_path, {LOOKUP_TABLE: naive.predictors[LOOKUP_TABLE]})
+    saved = np.load(tmp_path / sample.path)
+    np.testing.assert_allclose(saved["lookup_table"], predicted[sample.slice_index], atol=1e-6)
+
+
 @pytest.mark.slow
 def test_simulate_end_to_end(tmp_path: Path) -> None:
     """``fedsynth simulate`` on three tiny phantom hospitals: every phase, the report, resume."""
@@ -200,8 +250,17 @@ def test_simulate_end_to_end(tmp_path: Path) -> None:
     sample = np.load(folder / results.samples[0].path)
     target, mask = to_unit(sample["target"]), sample["mask"]
     assert mask.any() and sample["federated"].shape == target.shape
+    # The naive baselines: from the three training sites' statistics, on the same test sets.
+    assert results.naive["sites"] == ["site-1", "site-2", "site-3"]
+    for name in ("constant", "histogram matching", "lookup table"):
+        naive = results.model(name)
+        assert naive is not None and naive.skipped is None, name
+        assert set(naive.per_site) == set(federated.per_site)
+        assert math.isfinite(naive.mean["psnr_masked"])
+    assert "lookup_table" in sample.files
     report = (folder / "report.md").read_text()
     assert "site-3" in report and "federated" in report
+    assert "the best naive baseline" in report and "`lookup table`" in report
     federation = (folder / "federated" / "config.resolved.toml").read_text()
     assert "evaluate_sites = false" in federation  # the held-out evaluation replaces it
     assert 'misalignment = "slight"' in federation  # the most severe site decides R

@@ -1,8 +1,9 @@
 """The real-MRI quality study (benchmarks/study_real.py) on a tiny setting: phantom hospitals laid
 out like ../shared/data, a tiny network, one round, the in-process federation. What is checked:
-every arm on every fold, the table against the folds' own results, histogram matching against a
-direct computation, the DP budget, the CT statistics against the real CT read with nibabel,
-resuming, and refusing to mix settings."""
+every arm on every fold, the table against the folds' own results, the naive baselines (lookup
+table, histogram matching, constant) against a direct computation from the training sites' data,
+the goal against the best of them, the DP budget, the CT statistics against the real CT read
+with nibabel, resuming, and refusing to mix settings."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 from benchmarks import study_real
-from common.baselines import HistogramMatcher
+from common.baselines import CONSTANT, HISTOGRAM, LOOKUP_TABLE, HistogramMatcher
+from common.data.datasets import PairedSlices
 from common.data.site import load_site
 from common.evaluation import site_pairs
 from common.phantom import generate_consortium
@@ -32,19 +34,25 @@ SETTINGS = [
     # calibration has its own tests (tests/client/test_privacy.py).
     "privacy.accountant=rdp",
 ]
-FOLDS = ("site-a", "site-b", "site-c")
+FOLDS = ("site-a", "site-b", "site-e")
+SCORED_AS = {"site-a": "unseen-site-a", "site-b": "unseen-site-b", "site-e": "unseen-site-e-coreg"}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``brain-mri/site-{a,b,c}`` (one subject each, T1w and T2w) and ``brain-ct/site-ct``."""
+    """``brain-mri/site-{a,b}``, the clinical ``brain-mri-clinical/site-e`` with its copy
+    ``site-e-coreg`` (one subject each, T1w and T2w), and ``brain-ct/site-ct``."""
     root = tmp_path_factory.mktemp("data")
     mri = root / "brain-mri"
     generate_consortium(
         mri, sites=3, subjects=[1, 1, 1], seed=0, modalities=["T1w", "T2w"], voxel_size=4
     )
-    for index, fold in enumerate(FOLDS, start=1):
+    for index, fold in enumerate(FOLDS[:2], start=1):
         (mri / f"site-{index}").rename(mri / fold)
+    clinical = root / "brain-mri-clinical"
+    clinical.mkdir()
+    (mri / "site-3").rename(clinical / "site-e")
+    shutil.copytree(clinical / "site-e", clinical / "site-e-coreg")
     ct = root / "brain-ct"
     generate_consortium(ct, sites=1, subjects=[1], seed=7, modalities=["ct"], voxel_size=4)
     # Another person than the MRI subjects (the phantom names subjects by site number).
@@ -83,7 +91,8 @@ def test_study_runs_every_arm_resumes_and_refuses_other_settings(
     for fold in FOLDS:
         rows = entry["per_fold"][fold]
         expected = {
-            FEDERATED, POOLED, "untrained", study_real.LOCAL_MEAN, study_real.HISTOGRAM,
+            FEDERATED, POOLED, "untrained", study_real.LOCAL_MEAN, HISTOGRAM, LOOKUP_TABLE,
+            CONSTANT,
         }  # fmt: skip
         assert expected <= set(rows), fold
         assert len(rows[study_real.LOCAL_MEAN]["models"]) == 2  # the two training sites
@@ -97,8 +106,9 @@ def test_study_runs_every_arm_resumes_and_refuses_other_settings(
             folder = out / "T1w-to-T2w" / f"fold-{fold}"
             model = ExperimentResults.read(folder).model(arm)
             assert model is not None
-            assert set(model.per_site) == {f"unseen-{fold}"}  # no training site is scored
-            values.append(model.per_site[f"unseen-{fold}"]["psnr_masked"])
+            # No training site is scored; the clinical site is scored on its co-registered copy.
+            assert set(model.per_site) == {SCORED_AS[fold]}
+            values.append(model.per_site[SCORED_AS[fold]]["psnr_masked"])
         cell = summary[arm]["psnr_masked"]
         assert cell["mean"] == pytest.approx(np.mean(values))
         assert cell["sd"] == pytest.approx(np.std(values, ddof=1))
@@ -106,22 +116,41 @@ def test_study_runs_every_arm_resumes_and_refuses_other_settings(
     locals_ = [m["metrics"]["mae_masked"] for m in site_a[study_real.LOCAL_MEAN]["models"]]
     assert site_a[study_real.LOCAL_MEAN]["metrics"]["mae_masked"] == pytest.approx(np.mean(locals_))
 
-    # Histogram matching, computed here: training sites' T2w foreground -> site-a's T1w.
+    # The naive baselines, computed here from the training sites' data (site-a left out): the
+    # lookup table and the histogram from np.histogram, the constant from the target voxels.
     config = tiny_config(*SETTINGS[len(TINY) :], *study_real.COMMON)
     train = sorted((out / "T1w-to-T2w" / "fold-site-a" / "split" / "train").iterdir())
-    reference = np.concatenate(
-        [v.stack.slices[v.stack.masks] for d in train for v in load_site(d, config.data).domain_b]
-    )
-    matcher = HistogramMatcher(reference)
+    assert len(train) == 2  # the two training sites, never the left-out one
+    sites = [load_site(d, config.data) for d in train]
+    paired = [PairedSlices([pair]) for site in sites for pair in site.paired]
+    source = np.concatenate([p.a[p.masks] for p in paired])
+    target = np.concatenate([p.b[p.masks] for p in paired])
+    edges = np.linspace(-1, 1, 257)
+    counts, _ = np.histogram(source, bins=edges)
+    sums, _ = np.histogram(source, bins=edges, weights=target)
+    centres = (edges[:-1] + edges[1:]) / 2
+    filled = counts > 0
+    table = np.interp(centres, centres[filled], sums[filled] / counts[filled])
+    volumes = {str(v.scan.path): v for s in sites for v in [*s.domain_b, *(b for _, b in s.paired)]}
+    reference = np.concatenate([v.stack.slices[v.stack.masks] for v in volumes.values()])
+    matcher = HistogramMatcher.from_histogram(np.histogram(reference, bins=edges)[0])
+    constant = reference.astype(np.float64).mean()
     _, pairs = site_pairs(data / "brain-mri" / "site-a", config.data)
-    (_, paired), *_ = pairs
-    psnrs = [
-        _unit_psnr(matcher(a, a > -1 + 1e-6), b, m)
-        for a, b, m in zip(paired.a, paired.b, paired.masks.astype(bool), strict=True)
-        if m.any()
-    ]
-    measured = site_a[study_real.HISTOGRAM]["metrics"]["psnr_masked"]
-    assert measured == pytest.approx(np.mean(psnrs), abs=1e-6)
+    (_, left_out), *_ = pairs
+    masks = left_out.masks.astype(bool)
+    predictions = {
+        LOOKUP_TABLE: np.where(masks, np.interp(left_out.a, centres, table), -1.0),
+        HISTOGRAM: matcher(left_out.a, masks),  # the subject's quantiles, in the scored mask
+        CONSTANT: np.where(masks, constant, -1.0),
+    }
+    for arm, predicted in predictions.items():
+        psnrs = [
+            _unit_psnr(p, b, m)
+            for p, b, m in zip(predicted, left_out.b, masks, strict=True)
+            if m.any()
+        ]
+        measured = site_a[arm]["metrics"]["psnr_masked"]
+        assert measured == pytest.approx(np.mean(psnrs), abs=1e-4), arm
 
     # DP: each site's cumulative epsilon reached, and did not pass, the budget of 8.
     epsilon = site_a[study_real.VARIANT_LABELS["dp"]]["epsilon"]
@@ -139,10 +168,21 @@ def test_study_runs_every_arm_resumes_and_refuses_other_settings(
     gap = summary[FEDERATED]["psnr_masked"]["mean"] - summary[POOLED]["psnr_masked"]["mean"]
     assert goal["value"] == pytest.approx(gap)
     assert goal["met"] == (gap >= -0.5)
+    # Against the best naive baseline, per metric, in the mean and per fold; 3 folds < 4 needed.
+    naive = next(g for g in entry["goals"] if "best naive baseline" in g["goal"])
+    for key, field in (("psnr_masked", "value"), ("ssim_masked", "ssim_value")):
+        best = max(summary[arm][key]["mean"] for arm in (LOOKUP_TABLE, HISTOGRAM, CONSTANT))
+        assert naive[field] == pytest.approx(summary[FEDERATED][key]["mean"] - best)
+    for fold in FOLDS:
+        best = max(summary[a]["psnr_masked"]["folds"][fold] for a in (LOOKUP_TABLE, HISTOGRAM))
+        best = max(best, summary[CONSTANT]["psnr_masked"]["folds"][fold])
+        gap = summary[FEDERATED]["psnr_masked"]["folds"][fold] - best
+        assert naive["per_fold"][fold]["psnr"] == pytest.approx(gap)
+    assert naive["met"] is False and "of 3 folds, 4 needed" in naive["verdict"]
 
     # MRI -> CT: one synthetic CT per MRI subject, on its T1w's grid; the real CT's figures.
     ct = results["ct"]
-    assert len(ct["subjects"]) == 3
+    assert len(ct["subjects"]) == 2  # the co-registered MRI sites' subjects (not the clinical)
     for subject in ct["subjects"]:
         t1 = nib.load(subject["t1w"])
         synthetic = nib.load(subject["synthetic"])
@@ -161,18 +201,21 @@ def test_study_runs_every_arm_resumes_and_refuses_other_settings(
     report = (out / "report.md").read_text(encoding="utf-8")
     federated_row = next(line for line in report.splitlines() if line.startswith("| federated |"))
     assert f"{summary[FEDERATED]['psnr_masked']['mean']:.2f} ± " in federated_row
+    table_row = next(line for line in report.splitlines() if line.startswith("| lookup table |"))
+    assert f"{summary[LOOKUP_TABLE]['psnr_masked']['mean']:.2f} ± " in table_row
+    assert naive["goal"] in report and naive["verdict"] in report
     for figure in ("T1w-to-T2w.png", "T1w-to-T2w-variants.png", "t1w-to-ct.png"):
         assert (out / "figures" / figure).read_bytes().startswith(b"\x89PNG")
         assert f"figures/{figure}" in report
 
     # Interrupted in the last fold's evaluation: the same command finishes only what is missing.
-    (out / "T1w-to-T2w" / "fold-site-c" / "results.json").unlink()
+    (out / "T1w-to-T2w" / "fold-site-e" / "results.json").unlink()
     capsys.readouterr()
     assert _run(data, out) == 0
     printed = capsys.readouterr().out
     assert "site-a left out: finished earlier" in printed
     assert "site-a left out, dp: finished earlier" in printed
-    assert "[federated] done earlier" in printed  # site-c: trained models kept
+    assert "[federated] done earlier" in printed  # site-e: trained models kept
     assert "T1w -> CT: trained earlier" in printed
     again = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert again["directions"]["T1w->T2w"]["summary"] == summary
