@@ -38,6 +38,7 @@ from common.data.masks import (
     antialias,
     dark_interior_fraction,
     is_skull_stripped,
+    otsu_threshold,
     standardisation_range,
     subject_mask,
 )
@@ -68,21 +69,9 @@ def model_grid(
 # ------------------------------------------------------------- the recipe before issue 16
 
 
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = hist.astype(np.float64)
-    w0 = np.cumsum(weight)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(weight * centres)
-    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
-    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
-    return float(centres[int(np.argmax((w0 * w1 * (mean0 - mean1) ** 2)[:-1]))])
-
-
 def previous_mask(volume: np.ndarray) -> np.ndarray:
     """MR mask before issue 16: half of Otsu on the non-minimum voxels, opened, filled."""
-    mask = volume > 0.5 * _otsu(volume[volume > volume.min()])
+    mask = volume > 0.5 * otsu_threshold(volume[volume > volume.min()])
     mask = ndimage.binary_opening(mask, iterations=1)
     labels, count = ndimage.label(mask)
     if count > 1:
@@ -229,7 +218,7 @@ def standardisation_rows(spacing: float) -> list[Standardised]:
         t1w_mask = subject_mask(t1w, Modality.T1W)
         depth = ndimage.distance_transform_edt(t1w_mask, sampling=(spacing,) * 3)
         deep = depth >= (25.0 if site == "e" else 10.0)
-        white = deep & (t1w > _otsu(t1w[deep]))
+        white = deep & (t1w > otsu_threshold(t1w[deep]))
         for contrast, path in files.items():
             modality = modality_of(path)
             after_volume = model_grid(path, spacing, pre_filter=True)

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from client.local import slices_translator
 from client.privacy import (
     BudgetSpentError,
     check_budget,
@@ -515,15 +515,7 @@ def evaluate_round(
     name = site.name
     trainer = _trainer(settings, config)
     _load_global(trainer, global_state, instruction.share)
-    chunk = 4 * config.training.batch_size
-
-    def translate(slices: np.ndarray) -> np.ndarray:
-        parts = [
-            trainer.translate(torch.from_numpy(slices[i : i + chunk])[:, None])[:, 0]
-            for i in range(0, len(slices), chunk)
-        ]
-        return torch.cat(parts).numpy()
-
+    translate = slices_translator(trainer, config)
     report = evaluate_pairs(name, config.data.direction, pairs, translate)
     metrics = {k: float(v) for k, v in report.mean.items() if k in EVALUATE_METRICS}
     metrics["num-subjects"] = float(len(report.subjects))

@@ -161,7 +161,10 @@ def _read_best(run_dir: Path) -> BestEpoch | None:
     return best
 
 
-def _translator(trainer: CycleGANTrainer, config: RunConfig) -> Callable[[np.ndarray], np.ndarray]:
+def slices_translator(
+    trainer: CycleGANTrainer, config: RunConfig
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``(n, H, W)`` model-scale slices -> G_AB's output, in chunks of 4 batches."""
     chunk = 4 * config.training.batch_size
 
     def translate(slices: np.ndarray) -> np.ndarray:
@@ -185,7 +188,7 @@ def validate(
         (the slice-weighted mean over sites of each site's masked PSNR, per site that PSNR,
         per site its validation slices).
     """
-    translate = _translator(trainer, config)
+    translate = slices_translator(trainer, config)
     per_site: dict[str, float] = {}
     examples: dict[str, float] = {}
     for name, pairs in validation.items():
@@ -344,7 +347,7 @@ def train_local(
 
     evaluations: list[EvaluationReport] = []
     if evaluate:
-        translate = _translator(trainer, config)
+        translate = slices_translator(trainer, config)
         for site_dir in site_dirs:
             try:
                 name, pairs = site_pairs(Path(site_dir), config.data, cache_dir)

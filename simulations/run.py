@@ -756,7 +756,7 @@ def run_experiment(
                 per_site=per_site,
                 mean=mean,
                 train_seconds=phases.done.get("federated", fed_seconds),
-                epochs=chosen * config.federation.local_epochs,
+                epochs=last * config.federation.local_epochs,  # the compute; `selected` says which
                 checkpoint=str(checkpoint.relative_to(folder)),
                 selected=selected,
             ),
@@ -781,7 +781,7 @@ def run_experiment(
             per_site=per_site,
             mean=mean,
             train_seconds=phases.done.get(kind, 0.0),
-            epochs=meta.epoch,
+            epochs=last_epoch,  # the compute spent; `selected` names the epoch scored
             steps=meta.step,
             checkpoint=str(checkpoint.relative_to(folder)),
             selected=selected,
