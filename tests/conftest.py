@@ -9,6 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from common.config import RunConfig
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Contrast of the synthetic "head": (background, outer shell, inner core) per modality.
@@ -74,3 +76,19 @@ def shared_site(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+def training_examples(site: Path, config: RunConfig, cache: Path | None = None) -> int:
+    """The examples a site trains on, counted from its volumes (independently of
+    TrainingSlices): the slice positions of its training pairs (its validation part held out)
+    plus the larger side of its unpaired slices."""
+    from common.data.site import load_site
+    from common.data.validation import hold_out
+
+    data = load_site(site, config.data, cache_dir=cache, seed=config.training.seed)
+    data = hold_out(data, config.data.validation_fraction, config.training.seed)
+    paired = sum(len(np.intersect1d(a.stack.z, b.stack.z)) for a, b in data.paired)
+    unpaired = max(
+        sum(len(v.stack) for v in data.unpaired_a), sum(len(v.stack) for v in data.unpaired_b)
+    )
+    return paired + unpaired

@@ -29,14 +29,13 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
 from common.accounting import RDP_ORDERS
-from common.data.datasets import UnpairedSlices
-from common.data.site import load_site
 from common.flower import free_port, register_node, write_connection
 from server.certs import make_certificates, make_node_key
 from server.checkpoint import latest_round, round_dir
 from server.status import read_status
 from simulations.federated import simulate
 from simulations.inprocess import TINY, phantom_sites, tiny_config
+from tests.conftest import training_examples
 from tests.local_compose import LocalCompose
 
 pytestmark = pytest.mark.slow
@@ -54,8 +53,7 @@ DP = ("privacy.enabled=true", "privacy.noise_multiplier=1.0", 'privacy.accountan
 def _expected_epsilon(site: Path, config_overrides: tuple[str, ...], rounds: int) -> float:
     """Independent: Opacus' RDP functions on (sigma / sqrt(4 networks), batch / examples, steps)."""
     config = tiny_config(*config_overrides)
-    data = load_site(site, config.data, seed=config.training.seed)
-    examples = len(UnpairedSlices(data.domain_a, data.domain_b))
+    examples = training_examples(site, config)
     q = config.training.batch_size / examples
     steps = rounds * config.federation.local_epochs * max(1, int(1 / q))
     sigma = float(config.privacy.noise_multiplier or 0) / 2

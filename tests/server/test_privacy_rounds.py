@@ -19,13 +19,12 @@ from client.local import train_local
 from client.privacy import NoisePlan, SiteAccountant
 from common.accounting import RDP_ORDERS
 from common.config import RunConfig
-from common.data.site import load_site
-from common.data.validation import hold_out
 from common.federation import ARRAYS, METRICS
 from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
 from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
 from simulations.inprocess import InProcessGrid, tiny_config
+from tests.conftest import training_examples
 
 SIGMA = 1.1
 STEPS = 2  # local steps per round
@@ -53,15 +52,7 @@ def _grid(sites: list[Path], tmp: Path) -> InProcessGrid:
 
 
 def _examples(site: Path, config: RunConfig, cache: Path) -> int:
-    """The examples a site trains on, counted from its volumes: the slice positions of its
-    training pairs (validation held out) plus the larger side of its unpaired slices."""
-    data = load_site(site, config.data, cache_dir=cache, seed=config.training.seed)
-    data = hold_out(data, config.data.validation_fraction, config.training.seed)
-    paired = sum(len(np.intersect1d(a.stack.z, b.stack.z)) for a, b in data.paired)
-    unpaired = max(
-        sum(len(v.stack) for v in data.unpaired_a), sum(len(v.stack) for v in data.unpaired_b)
-    )
-    return paired + unpaired
+    return training_examples(site, config, cache)
 
 
 def _independent_epsilon(examples: int, config: RunConfig, steps: int) -> float:

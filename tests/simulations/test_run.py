@@ -262,7 +262,17 @@ def test_simulate_end_to_end(tmp_path: Path) -> None:
     assert "site-3" in report and "federated" in report
     assert "the best naive baseline" in report and "`lookup table`" in report
     federation = (folder / "federated" / "config.resolved.toml").read_text()
-    assert "evaluate_sites = false" in federation  # the held-out evaluation replaces it
+    assert "evaluate_sites = false" not in federation  # the sites validate every round
+    # The federated model scored is the round the sites' validation data chose (best.json).
+    best = json.loads((folder / "federated" / "best.json").read_text())
+    chosen = results.model("federated")
+    assert chosen is not None and chosen.selected is not None
+    assert chosen.selected.startswith(f"round {best['round']} of 2")
+    assert chosen.mean == results.rounds[best["round"]].mean
+    assert best["score"] == max(
+        json.loads(line)["aggregated"]["eval/psnr_masked"]
+        for line in (folder / "federated" / "rounds.jsonl").read_text().splitlines()
+    )
     assert 'misalignment = "slight"' in federation  # the most severe site decides R
     record = json.loads((folder / "phases.json").read_text())
     assert {"split", "federated", "pooled", "local:site-1", "evaluate"} <= set(record["done"])
