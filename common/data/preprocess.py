@@ -206,17 +206,26 @@ class RobustNormalized(MapTransform):
         return out
 
 
+def _reading(config: DataConfig) -> list[MapTransform]:
+    """What every recipe starts with: read, reorient to RAS, anti-alias to the model spacing."""
+    return [
+        LoadScand(keys="image"),
+        Orientationd(keys="image", axcodes="RAS", labels=None),
+        AntiAliasd(keys="image", pixdim=config.spacing_mm),
+    ]
+
+
+def _spacing(config: DataConfig) -> Spacingd:
+    return Spacingd(keys="image", pixdim=config.spacing_mm, mode="bilinear", padding_mode="border")
+
+
 def build_pipeline(modality: Modality, config: DataConfig) -> Compose:
     """The preprocessing recipe for one modality (see the module docstring)."""
     size = (config.image_size, config.image_size, -1)
     return Compose(
         [
-            LoadScand(keys="image"),
-            Orientationd(keys="image", axcodes="RAS", labels=None),
-            AntiAliasd(keys="image", pixdim=config.spacing_mm),
-            Spacingd(
-                keys="image", pixdim=config.spacing_mm, mode="bilinear", padding_mode="border"
-            ),
+            *_reading(config),
+            _spacing(config),
             HeadMaskd(keys="image", modality=modality),
             RobustNormalized(keys="image", modality=modality, config=config),
             ResizeWithPadOrCropd(keys="image", spatial_size=size, mode="constant", value=-1.0),
@@ -255,19 +264,16 @@ class GridReference:
         return cls(np.asarray(stack.affine), (height, width, stack.depth), mask, key)
 
 
-def build_reference_pipeline(modality: Modality, config: DataConfig) -> Compose:
-    """The recipe for a scan brought onto a :class:`GridReference` (under ``"reference"``).
+def build_reference_pipeline() -> Compose:
+    """The end of the recipe for a scan brought onto a :class:`GridReference`.
 
-    Read, reorient, anti-alias to the model spacing, then resample through both scanner affines
-    onto the reference grid (world coordinates, trilinear; no registration: the head motion
-    between the two acquisitions stays, for the model to learn). Also resamples a volume of ones
-    to find where this scan has data (``valid``).
+    After :func:`_reading`: resample through both scanner affines onto the reference grid (under
+    ``"reference"``; world coordinates, trilinear; no registration: the head motion between the
+    two acquisitions stays, for the model to learn). Also resamples a volume of ones to find
+    where this scan has data (``valid``).
     """
     return Compose(
         [
-            LoadScand(keys="image"),
-            Orientationd(keys="image", axcodes="RAS", labels=None),
-            AntiAliasd(keys="image", pixdim=config.spacing_mm),
             _Onesd(source="image", key="valid"),
             ResampleToMatchd(
                 keys=["image", "valid"],
@@ -331,7 +337,7 @@ def preprocess_volume(
 ) -> PreprocessedVolume:
     """Run the recipe on one file, or on a scan already read, keeping every axial slice.
 
-    With ``reference``, the scan is brought onto that grid (:func:`build_reference_pipeline`);
+    With ``reference``, the scan is brought onto that grid (:func:`_onto_reference`);
     its mask is the reference's mask where this scan has data, and it is standardised there.
 
     Raises:
@@ -362,20 +368,16 @@ def _onto_reference(
     # A co-registered scan (the source's own grid) takes the source's path exactly: the same
     # resampling and crop, so its voxels match the source's bit for bit in position.
     size = (config.image_size, config.image_size, -1)
+    read = Compose(_reading(config))({"image": scan})  # once, for either path below
     own = Compose(
         [
-            LoadScand(keys="image"),
-            Orientationd(keys="image", axcodes="RAS", labels=None),
-            AntiAliasd(keys="image", pixdim=config.spacing_mm),
-            Spacingd(
-                keys="image", pixdim=config.spacing_mm, mode="bilinear", padding_mode="border"
-            ),
+            _spacing(config),
             # NaN marks the padding: no data there (the source pads -1 on the model scale).
             ResizeWithPadOrCropd(
                 keys="image", spatial_size=size, mode="constant", value=float("nan")
             ),
         ]
-    )({"image": scan})["image"]
+    )(dict(read))["image"]
     if tuple(own.shape[1:]) == reference.shape and np.allclose(
         np.asarray(own.affine, dtype=np.float64), reference.affine, atol=1e-4
     ):
@@ -386,7 +388,7 @@ def _onto_reference(
         grid = MetaTensor(
             torch.zeros((1, *reference.shape)), affine=torch.from_numpy(reference.affine)
         )
-        result = build_reference_pipeline(modality, config)({"image": scan, "reference": grid})
+        result = build_reference_pipeline()({**read, "reference": grid})
         volume = np.asarray(result["image"][0].numpy(), dtype=np.float32)
         valid = result["valid"][0].numpy() > 0.999
     mask = reference.mask & valid

@@ -78,11 +78,8 @@ def _record_r(net: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # --------------------------------------------------------------------- R sees paired examples only
 
 
-def test_an_unpaired_batch_never_reaches_r_or_the_correction_loss(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    trainer = CycleGANTrainer(TINY, _training(), SIZE, registration=True)
-    seen = _record_r(trainer.nets["r"])
+def _record_correction_targets(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Every target the registration-corrected loss is computed against, from now on."""
     corrected: list[torch.Tensor] = []
     original = client.objectives.registration_correction_loss
 
@@ -91,6 +88,15 @@ def test_an_unpaired_batch_never_reaches_r_or_the_correction_loss(
         return original(warped, target, weight)
 
     monkeypatch.setattr(client.objectives, "registration_correction_loss", spy)
+    return corrected
+
+
+def test_an_unpaired_batch_never_reaches_r_or_the_correction_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = CycleGANTrainer(TINY, _training(), SIZE, registration=True)
+    seen = _record_r(trainer.nets["r"])
+    corrected = _record_correction_targets(monkeypatch)
     before = [p.detach().clone() for p in trainer.nets["r"].parameters()]
     flagged = _batch([0.0, 0.0, 0.0], seed=1)
     unflagged = {k: v for k, v in _batch([0.0] * 3).items() if k != "paired"}  # unpaired too
@@ -109,14 +115,7 @@ def test_a_mixed_batch_gives_r_exactly_its_paired_examples(
 ) -> None:
     trainer = CycleGANTrainer(TINY, _training(), SIZE, registration=True)
     seen = _record_r(trainer.nets["r"])
-    corrected: list[torch.Tensor] = []
-    original = client.objectives.registration_correction_loss
-
-    def spy(warped: torch.Tensor, target: torch.Tensor, weight: Any = None) -> torch.Tensor:
-        corrected.append(target.detach().clone())
-        return original(warped, target, weight)
-
-    monkeypatch.setattr(client.objectives, "registration_correction_loss", spy)
+    corrected = _record_correction_targets(monkeypatch)
     kinds = [0.0, 1.0, 0.0, 1.0, 1.0]
     batch = _batch(kinds, seed=2)
     index = torch.tensor([i for i, k in enumerate(kinds) if k])
