@@ -261,6 +261,8 @@ def render_status(status: RunStatus, now: float | None = None) -> None:
     if remaining:
         timing += f"; about {_duration(remaining)} left"
     console.print(timing)
+    if status.best_line:
+        console.print(status.best_line)  # the round to publish, chosen on validation data
 
     table = Table(
         title=f"Sites ({len(status.sites)} seen). used: rounds whose update was aggregated; "

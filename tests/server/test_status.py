@@ -134,3 +134,17 @@ def test_a_broken_rounds_log_line_is_reported_not_fatal(tmp_path: Path) -> None:
     status = read_status(run)
     assert status.round_seconds == [3.0]
     assert "line 2" in status.notes[0]
+
+
+def test_status_names_the_best_round_the_sites_validation_chose(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    config = tiny_config(
+        "federation.rounds=1", "federation.min_sites=1", "federation.local_steps=1"
+    )
+    run = tmp_path / "run"
+    Coordinator(_grid(sites, tmp_path), config, run).run()
+    best = json.loads((run / "best.json").read_text())
+    table = CliRunner().invoke(app, ["status", "--run", str(run)])
+    assert table.exit_code == 0, table.output
+    assert f"best round {best['round']} ({best['score']:.2f} dB on" in table.output
