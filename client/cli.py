@@ -99,6 +99,15 @@ def client_command(
             "or one that would take its epsilon past this (whatever the coordinator asks)."
         ),
     ] = None,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad",
+            help="Train without the scans that cannot be used (each is named in this log); "
+            "without it, the site answers each round with 'unusable files' until they are "
+            "fixed or removed, and stays connected.",
+        ),
+    ] = False,
     fault: Annotated[
         str | None,
         typer.Option(hidden=True, help="Testing only: corrupt updates (nan or shape)."),
@@ -117,6 +126,7 @@ def client_command(
         fault=fault,
         runtime_port=runtime_port,
         max_epsilon=max_epsilon,
+        skip_bad=skip_bad,
     )
     if insecure:
         Console(stderr=True).print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}")

@@ -89,6 +89,8 @@ class SiteSettings:
         misalignment: simulation only, this simulated site's misalignment of domain B (run
             config ``site-misalignment``, one level per site), in place of the coordinator's.
         threads: simulation only, torch threads for this site (its Ray CPU share).
+        skip_bad: the hospital's own ``--skip-bad``: train without its unusable scans, whatever
+            the coordinator's ``data.skip_bad``.
     """
 
     data_dir: Path
@@ -100,6 +102,7 @@ class SiteSettings:
     max_epsilon: float | None = None
     misalignment: str | None = None
     threads: int | None = None
+    skip_bad: bool = False
 
     @classmethod
     def from_configs(
@@ -151,6 +154,7 @@ class SiteSettings:
             max_epsilon=max_epsilon,
             misalignment=misalignment,
             threads=threads,
+            skip_bad=str(node_config.get("skip-bad", "")).lower() in ("1", "true", "yes"),
         )
 
 
@@ -216,24 +220,27 @@ class MemoryStore:
 
 def _load_site(settings: SiteSettings, config: RunConfig) -> SiteData:
     data = config.data
+    if settings.skip_bad and not data.skip_bad:
+        data = data.model_copy(update={"skip_bad": True})
     try:
         return load_site(
             settings.data_dir, data, cache_dir=settings.cache_dir, seed=config.training.seed
         )
-    except EmptySiteError:
-        logger.exception("site data")
+    except EmptySiteError as exc:
+        logger.error("site data: %s", exc)
         raise SiteError("no scans found in the site's data folder") from None
-    except MissingModalityError:
-        logger.exception("site data")
+    except MissingModalityError as exc:
+        logger.error("site data: %s", exc)
         raise SiteError(
             f"no usable scans for {config.data.direction}: a modality is missing or all of its "
             "scans are unusable (the site's log names them)"
         ) from None
     except BadScansError as exc:
-        logger.exception("site data")
+        logger.error("site data: %s", exc)
         raise SiteError(
-            f"{len(exc.errors)} unusable scan(s) and data.skip_bad is off "
-            "(the site's log names them)"
+            f"unusable files: {len(exc.errors)} scan(s) cannot be used and data.skip_bad is "
+            "off (the site's log names them; the hospital can fix them or start its daemon "
+            "with --skip-bad)"
         ) from None
 
 

@@ -46,6 +46,7 @@ class ClientOptions:
     fault: str | None = None
     runtime_port: int = 9094
     max_epsilon: float | None = None
+    skip_bad: bool = False
 
 
 def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]]:
@@ -81,6 +82,8 @@ def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]
         node_config["audit-log"] = str(Path(options.audit_log).resolve())
     if options.fault:
         node_config["fault"] = options.fault
+    if options.skip_bad:
+        node_config["skip-bad"] = True
     if options.max_epsilon is not None:
         if not options.max_epsilon > 0:
             raise ValueError(f"--max-epsilon {options.max_epsilon}: must be positive")

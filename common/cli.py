@@ -107,6 +107,8 @@ def render_site_report(report: SiteReport) -> None:
         console.print(f"[red]{len(report.bad)} unusable file(s):[/red]")
         for r in report.bad:
             console.print(f"  {r.scan.path}: {r.error}", highlight=False)
+            if r.hint:
+                console.print(f"    hint: {r.hint}", highlight=False)
     if report.directions:
         console.print("[bold]Verdict:[/bold] this site can train")
         for line in _fmt_directions(report.directions):
@@ -326,6 +328,10 @@ def evaluate_command(
         typer.Option(help="JSON report (default: <checkpoint>/evaluation-<site>.json)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="Evaluate without the site's unusable scans (logged)."),
+    ] = False,
 ) -> None:
     """Paired evaluation per subject and mean: PSNR, SSIM, MAE (whole and foreground), k-space.
 
@@ -340,6 +346,8 @@ def evaluate_command(
     try:
         synthesizer = Synthesizer(checkpoint, device=device)
         data = synthesizer.metadata.data
+        if skip_bad:
+            data = data.model_copy(update={"skip_bad": True})
         name, pairs = site_pairs(site, data)
         report = evaluate_pairs(
             name, str(synthesizer.direction), pairs, synthesizer.translate_slices

@@ -105,6 +105,27 @@ class DataConfig(_Section):
         "'unpaired': plain CycleGAN, no subject feeding both domains (for comparison).",
     )
     skip_bad: bool = Field(False, description="Skip unreadable or invalid scans with a warning.")
+    max_axis_voxels: int = Field(
+        1024,
+        ge=16,
+        description="Refuse a scan whose header claims more voxels than this on an axis, or "
+        "whose field of view would, resampled to spacing_mm (read before any voxel).",
+    )
+    max_voxels: int = Field(
+        1 << 28,
+        ge=4096,
+        description="Refuse a scan claiming more voxels in all (before or after resampling).",
+    )
+    max_decompressed_gib: float = Field(
+        2.0,
+        gt=0.0,
+        description="Refuse a scan whose header claims more bytes than this decompressed "
+        "(gzip bombs, mislabelled exports); a file is never inflated past its header's claim.",
+    )
+    voxel_mm: tuple[float, float] = Field(
+        (0.1, 20.0),
+        description="Refuse a scan with a voxel size outside this range (mm): a units error.",
+    )
     cache_dir: Path | None = Field(
         None, description="Preprocessed-slice cache; default: <run or state dir>/cache."
     )
@@ -128,6 +149,11 @@ class DataConfig(_Section):
         if self.ct_window_hu[0] >= self.ct_window_hu[1]:
             raise ValueError(
                 f"ct_window_hu must be (low, high) with low < high, found {self.ct_window_hu}"
+            )
+        if not 0.0 < self.voxel_mm[0] < self.voxel_mm[1]:
+            raise ValueError(
+                f"voxel_mm must be (smallest, largest) with 0 < smallest < largest, found "
+                f"{self.voxel_mm}"
             )
         return self
 

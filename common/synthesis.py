@@ -33,7 +33,7 @@ from common.checkpoint import (
     load_into,
 )
 from common.data.discovery import bids_modality, nifti_stem
-from common.data.loading import read_scan
+from common.data.loading import ScanLimits, read_scan
 from common.data.preprocess import IntensityMapping, preprocess_volume
 from common.device import resolve_device
 from common.io import atomic_save
@@ -135,8 +135,9 @@ class Synthesizer:
                 f"{input_path} is {declared.value} but the checkpoint translates "
                 f"{self.direction} (its input must be {source.value})"
             )
-        scan = read_scan(input_path)
-        pre = preprocess_volume(scan, source, self.metadata.data)
+        data = self.metadata.data
+        scan = read_scan(input_path, ScanLimits.of(data), data.spacing_mm)
+        pre = preprocess_volume(scan, source, data)
         depth = pre.volume.shape[2]
         active = np.flatnonzero(pre.mask.reshape(-1, depth).any(axis=0))
         synthesized = np.full(pre.volume.shape, -1.0, dtype=np.float32)

@@ -53,7 +53,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logs.")] = 0,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="-v: fedsynth's debug logs (the traceback behind a refused scan); -vv: every "
+            "library's too.",
+        ),
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
@@ -67,6 +76,9 @@ def _main(
         handlers=[RichHandler(show_path=verbose > 1, rich_tracebacks=True)],
         force=True,
     )
+    if verbose == 1 and not quiet:
+        for package in ("common", "client", "server", "simulations"):
+            logging.getLogger(package).setLevel(logging.DEBUG)
 
 
 def main() -> None:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+UNEXPECTED_HINT = (
+    "run with -v for the traceback; re-exporting the scan from DICOM usually gives a readable file"
+)
 
 
 class SiteDataError(ValueError):
@@ -11,12 +19,14 @@ class SiteDataError(ValueError):
 
 
 class ScanError(SiteDataError):
-    """One scan cannot be used. ``path`` is the file, ``reason`` says what is wrong."""
+    """One scan cannot be used. ``path`` is the file, ``reason`` says what is wrong and ``hint``
+    (optional, one line) what to do about it."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path, reason: str, hint: str | None = None):
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.hint = hint
+        super().__init__(f"{self.path}: {reason}" + (f"; {hint}" if hint else ""))
 
 
 class BadScansError(SiteDataError):
@@ -37,3 +47,40 @@ class EmptySiteError(SiteDataError):
 
 class MissingModalityError(SiteDataError):
     """A requested synthesis direction needs a modality the site does not have."""
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain (MONAI wraps a transform's error in its own), one line."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def scan_failures(path: Path, doing: str = "preprocessing") -> Iterator[None]:
+    """Turn any failure while reading or preprocessing one scan into that file's ScanError.
+
+    A scan's own verdicts pass through; anything else (a library's error on a file nobody
+    foresaw, running out of memory) becomes a ScanError naming ``path``, with its traceback in
+    the debug log (``fedsynth -v``), so one file never takes down a command or a site's round.
+    """
+    try:
+        yield
+    except ScanError:
+        raise
+    except MemoryError:
+        logger.debug("%s %s ran out of memory", doing, path, exc_info=True)
+        raise ScanError(
+            path,
+            f"ran out of memory while {doing} it",
+            hint="lower data.max_voxels, or give this machine more memory",
+        ) from None
+    except Exception as exc:
+        logger.debug("%s %s failed", doing, path, exc_info=True)
+        raise ScanError(
+            path, f"{doing} failed ({_root_cause(exc)})", hint=UNEXPECTED_HINT
+        ) from None

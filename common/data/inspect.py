@@ -19,8 +19,8 @@ import numpy as np
 
 from common.config import DataConfig
 from common.data.discovery import Scan, discover_site
-from common.data.errors import ScanError
-from common.data.loading import read_scan
+from common.data.errors import ScanError, scan_failures
+from common.data.loading import ScanLimits, read_scan
 from common.data.pairing import match_sessions
 from common.data.preprocess import GridReference, SliceStack, preprocess_scan
 from common.modalities import Direction, Modality
@@ -40,6 +40,7 @@ class ScanReport:
     usable_slices: int | None = None
     foreground_clipped: float | None = None
     error: str | None = None
+    hint: str | None = None
     stack: SliceStack | None = field(default=None, repr=False)
 
     @property
@@ -77,19 +78,28 @@ class SiteReport:
 
 
 def inspect_scan(scan: Scan, config: DataConfig) -> ScanReport:
+    """Read, check and preprocess one scan; any failure is this scan's verdict, never raised."""
     report = ScanReport(scan)
     try:
-        loaded = read_scan(scan.path)
+        with scan_failures(scan.path, "inspecting"):
+            _inspect(scan, config, report)
     except ScanError as exc:
-        report.error = exc.reason
-        return report
+        report.error, report.hint = exc.reason, exc.hint
+        report.stack = None
+    return report
+
+
+def _inspect(scan: Scan, config: DataConfig, report: ScanReport) -> None:
+    loaded = read_scan(scan.path, ScanLimits.of(config), config.spacing_mm)
     data = loaded.data
     report.shape = tuple(int(n) for n in data.shape)
     report.spacing = loaded.zooms
     report.axcodes = loaded.axcodes
     p1, p99 = (float(v) for v in np.percentile(data, [1, 99]))
     report.intensity = (float(data.min()), p1, p99, float(data.max()))
+    del data
     stack = preprocess_scan(loaded, scan.modality, config)
+    del loaded  # one volume at a time: only the model-sized slices stay
     report.stack = stack
     report.usable_slices = len(stack)
     report.foreground_clipped = stack.foreground_clipped
@@ -98,7 +108,6 @@ def inspect_scan(scan: Scan, config: DataConfig) -> ScanReport:
             f"no axial slice has {config.min_foreground:.0%} foreground at "
             f"{config.image_size} px and {config.spacing_mm} mm"
         )
-    return report
 
 
 def inspect_site(

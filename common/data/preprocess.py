@@ -47,7 +47,15 @@ from monai.transforms import (
 )
 
 from common.config import DataConfig
-from common.data.loading import LoadedScan, file_sha256, read_scan
+from common.data.errors import ScanError, scan_failures
+from common.data.loading import (
+    LoadedScan,
+    ScanLimits,
+    check_resampled_grid,
+    file_sha256,
+    read_header,
+    read_scan,
+)
 from common.data.masks import antialias, standardisation_range, subject_mask
 from common.io import atomic_save
 from common.modalities import Modality
@@ -340,11 +348,31 @@ def preprocess_volume(
     With ``reference``, the scan is brought onto that grid (:func:`_onto_reference`);
     its mask is the reference's mask where this scan has data, and it is standardised there.
 
+    Any failure on the way is this file's :class:`ScanError` (:func:`scan_failures`): a
+    library's error on a file nobody foresaw never escapes as something else.
+
     Raises:
         ScanError: the file is unusable (see :func:`read_scan`).
     """
+    path = source.path if isinstance(source, LoadedScan) else Path(source)
+    with scan_failures(path):
+        return _preprocess_volume(source, modality, config, reference)
+    raise AssertionError("unreachable")  # pragma: no cover (keeps mypy's return check happy)
+
+
+def _preprocess_volume(
+    source: Path | LoadedScan,
+    modality: Modality,
+    config: DataConfig,
+    reference: GridReference | None,
+) -> PreprocessedVolume:
     # Read (and validate) outside the Compose, which would wrap ScanError in a RuntimeError.
-    scan = source if isinstance(source, LoadedScan) else read_scan(Path(source))
+    limits = ScanLimits.of(config)
+    if isinstance(source, LoadedScan):
+        scan = source
+        check_resampled_grid(scan.path, scan.data.shape, scan.affine, config.spacing_mm, limits)
+    else:
+        scan = read_scan(Path(source), limits, config.spacing_mm)
     if reference is not None:
         return _onto_reference(scan, modality, config, reference)
     result = build_pipeline(modality, config)({"image": scan})
@@ -417,8 +445,7 @@ def preprocess_label(path: Path, config: DataConfig) -> np.ndarray:
     """
     import nibabel as nib
 
-    from common.data.errors import ScanError
-
+    read_header(path, ScanLimits.of(config), config.spacing_mm)  # bounded before reading voxels
     try:
         image: Any = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
@@ -439,7 +466,9 @@ def preprocess_label(path: Path, config: DataConfig) -> np.ndarray:
     label = MetaTensor(
         torch.from_numpy(data > 0.5).float()[None], affine=torch.from_numpy(image.affine)
     )
-    return np.asarray(recipe({"label": label})["label"][0].numpy() > 0.5)
+    with scan_failures(path, "resampling the label mask"):
+        return np.asarray(recipe({"label": label})["label"][0].numpy() > 0.5)
+    raise AssertionError("unreachable")  # pragma: no cover (keeps mypy's return check happy)
 
 
 def usable_slices(mask: np.ndarray, min_foreground: float) -> np.ndarray:
@@ -518,6 +547,8 @@ class SliceCache:
         if self.folder is None:
             self.misses += 1
             return preprocess_scan(path, modality, config, reference)
+        # Today's limits hold for an entry made under looser ones (a header read: kilobytes).
+        read_header(path, ScanLimits.of(config), config.spacing_mm)
         entry = self.folder / f"{self.key(path, modality, config, reference)}.npz"
         if entry.exists():
             try:
