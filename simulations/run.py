@@ -49,7 +49,7 @@ from common.baselines import (
 from common.checkpoint import read_metadata
 from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
 from common.config import ConfigError, RunConfig, load_config, write_resolved_config
-from common.data.errors import ScanError
+from common.data.errors import BadScansError, ScanError
 from common.data.site import load_site
 from common.evaluation import EvaluationReport, evaluate_predictor, site_pairs
 from common.flower import FlowerError
@@ -281,18 +281,30 @@ def make_split(
 
 def count_slices(
     config: RunConfig, folders: Mapping[str, tuple[Path, Path | None]], cache: Path
-) -> dict[str, dict[str, int]]:
+) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
     """Model-scale training slices per site and domain (the preprocessing is cached for the
-    runs); a site that cannot load (it lacks a domain) counts zero."""
+    runs); a site that cannot load (it lacks a domain, or holds unusable files with
+    ``data.skip_bad`` off) counts zero.
+
+    Returns:
+        The counts, and per site with unusable files the reason it cannot train (in the
+        federation it answers every round so; local and pooled training leave it out).
+    """
     counts: dict[str, dict[str, int]] = {}
+    unusable: dict[str, str] = {}
     for name, (train_dir, _) in folders.items():
         counts[name] = {"a": 0, "b": 0}
         try:
             site = load_site(train_dir, config.data, cache_dir=cache, seed=config.training.seed)
             counts[name] = {"a": site.slices_a, "b": site.slices_b}
+        except BadScansError as exc:
+            logger.warning("%s: %s", name, exc)
+            unusable[name] = (
+                f"unusable files: {len(exc.errors)} scan(s) cannot be used and data.skip_bad is off"
+            )
         except (ScanError, ValueError) as exc:
             logger.info("%s: %s", name, exc)
-    return counts
+    return counts, unusable
 
 
 # ----------------------------------------------------------------------------- training
@@ -646,14 +658,16 @@ def run_experiment(
         )
         for s in plan.sites
     }
-    slices = count_slices(config, folders, cache)
+    slices, unusable = count_slices(config, folders, cache)
     tests = TestSets(config, folders, cache, unseen=eval_sites)
     summary = plan.summary(
         {name: {**counts, "test": tests.slices.get(name, 0)} for name, counts in slices.items()}
     )
     for line in _split_lines(summary.sites):
         echo(line)
-    trainable = [s for s in plan.sites if s.excluded is None]
+    for name, reason in unusable.items():
+        echo(f"{name}: {reason} (the log names them); it cannot train")
+    trainable = [s for s in plan.sites if s.excluded is None and s.name not in unusable]
     if len(plan.sites) < config.federation.min_sites:
         raise ExperimentError(
             f"{len(plan.sites)} site(s) in the split, federation.min_sites is "
@@ -661,7 +675,8 @@ def run_experiment(
         )
     if len(trainable) < config.federation.min_sites:
         raise ExperimentError(
-            f"only {len(trainable)} site(s) can train (the others lack a domain), "
+            f"only {len(trainable)} site(s) can train (the others lack a domain or hold "
+            "unusable files), "
             f"federation.min_sites is {config.federation.min_sites}"
         )
     misalignment = [s.misalignment for s in plan.sites]
@@ -695,8 +710,8 @@ def run_experiment(
     if "local" in config.simulation.baselines:
         for site in plan.sites:
             name = local_model(site.name)
-            if site.excluded is not None:
-                models.append(ModelResult(name=name, skipped=site.excluded))
+            if site.excluded is not None or site.name in unusable:
+                models.append(ModelResult(name=name, skipped=site.excluded or unusable[site.name]))
                 continue
             examples = max(slices[site.name]["a"], slices[site.name]["b"])
             local = baseline_config(fed_config, f"local-{site.name}", baselines, examples)

@@ -213,3 +213,26 @@ def test_bf16_synthesis_stays_close_to_fp32_on_trained_weights(tmp_path: Path) -
     diff = np.abs(a - b)  # the output scale is 0..1, so these are fractions of the range
     assert diff.mean() <= BF16_MEAN_TOLERANCE
     assert np.percentile(diff, 99) <= BF16_P99_TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["bomb", "units50mm", "hugefov", "truncated"])
+def test_synthesize_refuses_a_damaged_input_with_its_name_and_writes_nothing(
+    tmp_path: Path, kind: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+    from tests.intake import BAD_KINDS
+
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    damaged = tmp_path / f"sub-01_T1w{BAD_KINDS[kind].suffix}"
+    BAD_KINDS[kind].write(damaged)
+    out = tmp_path / "out.nii.gz"
+    args = ["synthesize", str(damaged), str(out), "--checkpoint", str(ckpt), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert damaged.name in "".join(result.output.split())
+    assert BAD_KINDS[kind].reason in said
+    assert "Traceback" not in result.output
+    assert set(tmp_path.iterdir()) == {tmp_path / "ckpt", damaged}  # no output, no temporary

@@ -223,3 +223,34 @@ def test_evaluate_scores_the_checkpoints_baselines_on_the_same_subjects(
     assert "no naive baselines" in result.output
     written = json.loads((tmp_path / "old" / "evaluation-test.json").read_text())
     assert written["baselines"] == {} and written["subjects"]
+
+
+def test_evaluate_names_a_damaged_scan_and_goes_on_with_skip_bad(
+    make_site: SiteMaker, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from common.checkpoint import CheckpointMetadata, save_checkpoint
+    from common.config import ModelConfig
+    from common.models import define_generator, init_weights
+    from simulations.cli import app
+    from tests.intake import BAD_KINDS
+
+    site = make_site("test", {"sub-07": ["T1w", "T2w"]})
+    damaged = site / "sub-08" / "anat" / "sub-08_T2w.nii.gz"
+    damaged.parent.mkdir(parents=True)
+    BAD_KINDS["units50mm"].write(damaged)
+    tiny = ModelConfig(ngf=8, n_blocks=1, ndf=8, d_layers=1)
+    data = DataConfig(spacing_mm=(2.0, 2.0, 2.0), image_size=48, min_foreground=0.05)
+    generators = {k: init_weights(define_generator(tiny, 48), seed=1) for k in ("g_ab", "g_ba")}
+    meta = CheckpointMetadata(kind="local", direction="T1w->T2w", model=tiny, data=data)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", generators, meta)
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--site", str(site), "--device", "cpu"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1
+    assert "sub-08_T2w.nii.gz" in "".join(refused.output.split())
+    assert "outside 0.1-20 mm" in " ".join(refused.output.split())
+    assert "Traceback" not in refused.output
+    done = CliRunner().invoke(app, [*args, "--skip-bad"])
+    assert done.exit_code == 0, done.output
+    assert "sub-07" in done.output

@@ -390,3 +390,23 @@ def test_ray_resources_and_cluster_reach_flower(
     with pytest.raises(RuntimeError, match="stop here"), launch.Superlink(options):
         pass
     assert seen["env"] == {"RAY_ADDRESS": "ray://head:10001"}
+
+
+def test_a_simulated_site_with_unusable_files_is_named_and_left_out_of_local_training(
+    make_site: SiteMaker, tmp_path: Path
+) -> None:
+    from simulations.run import count_slices
+    from tests.intake import BAD_KINDS
+
+    config = tiny_config()
+    good = make_site("site-1")
+    damaged = make_site("site-2")
+    BAD_KINDS["units50mm"].write(damaged / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
+    folders = {"site-1": (good, None), "site-2": (damaged, None)}
+    counts, unusable = count_slices(config, folders, tmp_path / "cache")
+    assert counts["site-1"]["a"] > 0 and counts["site-2"] == {"a": 0, "b": 0}
+    assert list(unusable) == ["site-2"]
+    assert unusable["site-2"].startswith("unusable files: 1 scan(s)")
+    skipping = config.model_copy(update={"data": config.data.model_copy(update={"skip_bad": True})})
+    counts, unusable = count_slices(skipping, folders, tmp_path / "cache")
+    assert not unusable and counts["site-2"]["a"] > 0
