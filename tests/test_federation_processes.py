@@ -36,6 +36,7 @@ from server.status import read_status
 from simulations.federated import simulate
 from simulations.inprocess import TINY, phantom_sites, tiny_config
 from tests.conftest import training_examples
+from tests.intake import write_bad_site
 from tests.local_compose import LocalCompose
 
 pytestmark = pytest.mark.slow
@@ -569,3 +570,80 @@ def test_faults_killed_site_bad_update_rejoin_and_coordinator_resume(
     assert f"resuming {run} after round {done}" in coordinator_log.read_text(encoding="utf-8")
     assert "round 4/4" in cluster.log("server")  # the restarted coordinator's terminal
     assert latest_round(run) == 4
+
+
+# --------------------------------------------------------------------------- damaged scans
+
+
+def test_daemons_with_damaged_scans_report_them_or_train_without_them(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Two hospitals, each with one good T1w/T2w pair and every kind of damaged file
+    (tests/intake.py): the one started with --skip-bad trains on its pair every round; the
+    other answers every round with 'unusable files', naming no file, and stays connected."""
+    lenient, strict = "site-skip-bad", "site-strict"
+    bad = {name: write_bad_site(tmp_path / "data" / name) for name in (lenient, strict)}
+    certs = make_certificates(tmp_path / "certs", [lenient, strict])
+    config = _config_file(
+        tmp_path / "consortium.toml",
+        "federation.rounds=2",
+        "federation.min_sites=1",
+        "federation.start_sites=2",  # round 1 waits for both daemons
+        "federation.evaluate_sites=false",
+        "federation.round_timeout_s=300",
+    )
+    run = tmp_path / "run"
+    cluster.start(
+        "server",
+        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
+         "--port", str(cluster.port), "--config", str(config)],
+    )  # fmt: skip
+    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
+    for name, extra in ((lenient, ["--skip-bad"]), (strict, [])):
+        cluster.start(
+            name,
+            ["client", "--data-dir", str(tmp_path / "data" / name), "--superlink",
+             f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
+             "--key", str(certs.node_keys[name][0]), "--state-dir", f"state-{name}",
+             "--runtime-port", str(free_port()), *extra],
+        )  # fmt: skip
+
+    _wait_for(lambda: len(_rounds(run)) >= 2, 400, "two rounds", cluster)
+    # Both daemons outlive the run's last round (the strict one was asked, and answered, twice).
+    for name in (lenient, strict):
+        assert cluster.procs[name].poll() is None, cluster.log(name)[-3000:]
+    assert cluster.procs["server"].wait(120) == 0, cluster.log("server")[-3000:]
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1, 2]
+    # The lenient site trained on its good pair alone: every full batch of the pair's examples
+    # (the loader drops a last, partial batch).
+    lenient_config = tiny_config("data.skip_bad=true")
+    examples = training_examples(tmp_path / "data" / lenient, lenient_config, tmp_path / "cache")
+    batch = lenient_config.training.batch_size
+    assert examples > batch
+    reasons = []
+    for r in rounds:
+        assert r["accepted"] == [lenient]
+        assert r["train_metrics"][lenient]["num-examples"] == examples - examples % batch
+        assert list(r["rejected"]) == [strict]
+        (reason,) = r["rejected"][strict]
+        assert "unusable files" in reason and f"{len(bad[strict])} scan(s)" in reason
+        assert "sub-" not in reason and "/" not in reason and ".nii" not in reason
+        reasons.append(reason)
+    assert reasons[0] == reasons[1]  # the same answer in round 2: asked again, answered again
+    assert latest_round(run) == 2
+    # Each daemon's log names every damaged file and why; none of them raised a traceback.
+    for name, said in ((lenient, "skipping"), (strict, "unusable scan(s)")):
+        log = cluster.log(name)
+        assert said in log and "Traceback" not in log, log[-3000:]
+        for path, fragment in bad[name].items():
+            assert path.name in log and fragment in log, (path.name, fragment)
+    # Once per round, in fedsynth's own format (opacus' logging.basicConfig at import gives the
+    # root logger a stderr handler too, so each line also appears a second time, reformatted).
+    assert cluster.log(strict).count("ERROR fedsynth: declining train: unusable files") == 2
+    coordinator_log = (run / "coordinator.log").read_text(encoding="utf-8")
+    assert (
+        len(re.findall(rf"round [12]: left out {strict}: .*unusable files", coordinator_log)) == 2
+    )
+    # Still running (its SuperNode retrying the coordinator that ended) until the fixture stops it.
+    assert cluster.procs[strict].poll() is None, cluster.log(strict)[-3000:]
