@@ -41,6 +41,7 @@ from common.federation import (
     metrics_record,
     to_record,
 )
+from common.logs import drop_opacus_root_handler
 
 logger = logging.getLogger("fedsynth.client")
 
@@ -77,6 +78,7 @@ def setup_site_logging(state_dir: Path | None) -> None:
     ``<state-dir>/site.log``, which stays with the site's state. Idempotent; a process that
     serves another state folder (simulation) switches its file.
     """
+    drop_opacus_root_handler()  # else every line would reach stderr twice (common.logs)
     formatter = logging.Formatter(_FORMAT)
     for name in _LOGGERS:
         target = logging.getLogger(name)

@@ -29,6 +29,8 @@ from typing import IO, Any
 
 import tomli_w
 
+from common import PRIVATE_ENV
+
 BIN = Path(sys.executable).parent
 APP_NAME = "fedsynth"
 
@@ -38,10 +40,13 @@ class FlowerError(RuntimeError):
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower commands: run-local ``FLWR_HOME``, no runtime installs."""
+    """Environment for Flower commands: run-local ``FLWR_HOME``, no runtime installs, no
+    telemetry and no update check (:data:`common.PRIVATE_ENV`, unless the operator set them)."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    for key, value in PRIVATE_ENV.items():
+        env.setdefault(key, value)
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])

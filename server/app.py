@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, load_config
 from common.io import READABLE, atomic_write_text
+from common.logs import drop_opacus_root_handler
 from server.coordinator import Coordinator, CoordinatorInterruptedError, CoordinatorStoppedError
 from server.status import STOPPED_FILE, StatusWriter
 
@@ -27,6 +28,7 @@ app = ServerApp()
 
 
 def _setup_logging(run_dir: Path) -> None:
+    drop_opacus_root_handler()  # else every line would reach stderr twice (common.logs)
     root = logging.getLogger("fedsynth")
     if root.handlers:
         return

@@ -77,7 +77,7 @@ def _main(
         force=True,
     )
     if verbose == 1 and not quiet:
-        for package in ("common", "client", "server", "simulations"):
+        for package in ("fedsynth", "common", "client", "server", "simulations"):
             logging.getLogger(package).setLevel(logging.DEBUG)
 
 

@@ -203,6 +203,26 @@ def _processes_mentioning(marker: str) -> list[int]:
     return found
 
 
+def _environment(pid: int) -> dict[str, str]:
+    """A live process's environment, as the kernel holds it."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(
+        item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+    )
+
+
+def _assert_private(pids: list[int]) -> None:
+    """Flower's telemetry and update check are off in every one of these processes."""
+    assert pids
+    for pid in pids:
+        try:
+            env = _environment(pid)
+        except OSError:  # it ended meanwhile
+            continue
+        assert env.get("FLWR_TELEMETRY_ENABLED") == "0", pid
+        assert env.get("FLWR_DISABLE_UPDATE_CHECK") == "1", pid
+
+
 def _port_is_free(port: int) -> bool:
     import socket
 
@@ -599,15 +619,25 @@ def test_daemons_with_damaged_scans_report_them_or_train_without_them(
          "--port", str(cluster.port), "--config", str(config)],
     )  # fmt: skip
     _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
+    runtime_ports = {}
     for name, extra in ((lenient, ["--skip-bad"]), (strict, [])):
+        runtime_ports[name] = free_port()
         cluster.start(
             name,
             ["client", "--data-dir", str(tmp_path / "data" / name), "--superlink",
              f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
              "--key", str(certs.node_keys[name][0]), "--state-dir", f"state-{name}",
-             "--runtime-port", str(free_port()), *extra],
+             "--runtime-port", str(runtime_ports[name]), *extra],
         )  # fmt: skip
 
+    _wait_for(lambda: len(_rounds(run)) >= 1, 400, "round 1", cluster)
+    # No process fedsynth started reports to Flower's telemetry or checks for updates: the
+    # daemons, their SuperNodes and SuperExecs, the coordinator, its SuperLink and ServerApp.
+    daemons = [cluster.procs[name].pid for name in (lenient, strict, "server")]
+    helpers = [pid for port in runtime_ports.values() for pid in _processes_mentioning(f":{port}")]
+    linked = _processes_mentioning(f":{cluster.port}")
+    assert len(helpers) >= 2 and len(linked) >= 2  # SuperExecs; SuperNodes and the SuperLink
+    _assert_private(daemons + helpers + linked)
     _wait_for(lambda: len(_rounds(run)) >= 2, 400, "two rounds", cluster)
     # Both daemons outlive the run's last round (the strict one was asked, and answered, twice).
     for name in (lenient, strict):
@@ -638,8 +668,9 @@ def test_daemons_with_damaged_scans_report_them_or_train_without_them(
         assert said in log and "Traceback" not in log, log[-3000:]
         for path, fragment in bad[name].items():
             assert path.name in log and fragment in log, (path.name, fragment)
-    # Once per round, in fedsynth's own format (opacus' logging.basicConfig at import gives the
-    # root logger a stderr handler too, so each line also appears a second time, reformatted).
+    # Once per round, and once only: Opacus' import gives the root logger a stderr handler of
+    # its own, which common.logs removes (each line used to appear a second time, reformatted).
+    assert cluster.log(strict).count("declining train: unusable files") == 2
     assert cluster.log(strict).count("ERROR fedsynth: declining train: unusable files") == 2
     coordinator_log = (run / "coordinator.log").read_text(encoding="utf-8")
     assert (
