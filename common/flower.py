@@ -76,6 +76,22 @@ def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pope
     raise FlowerError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+# Every run-config key the ServerApp and ClientApp read, with its default. The project's own
+# pyproject.toml declares the same table (a test compares them), so the stock ``flwr run .``
+# accepts every ``--run-config`` key fedsynth uses.
+RUN_CONFIG: dict[str, str | int | bool] = {
+    "config-path": "",  # the consortium's TOML, on the coordinator's disk
+    "run-dir": "",  # the coordinator's run folder
+    "resume": False,  # continue the run folder's run
+    "site-dirs": "",  # simulation: one data folder per partition, comma-separated
+    "state-root": "",  # simulation: each site's state under <state-root>/site-<k>
+    "cache-dir": "",  # simulation: the shared preprocessed-slice cache
+    "site-misalignment": "",  # simulation: one misalignment level per site, comma-separated
+    "cpus-per-site": 0,  # simulation: torch threads per site (its Ray CPU share); 0 = torch's
+    "admitted-keys": "",  # deployment: admitted.json, the hospitals the coordinator admitted
+}
+
+
 def write_app_dir(folder: Path, version: str = "0.1.0") -> Path:
     """Write the Flower app folder (just ``pyproject.toml``) that a run is submitted from."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,17 +106,7 @@ def write_app_dir(folder: Path, version: str = "0.1.0") -> Path:
                         "serverapp": "server.app:app",
                         "clientapp": "client.app:app",
                     },
-                    "config": {
-                        "config-path": "",
-                        "run-dir": "",
-                        "resume": False,
-                        "site-dirs": "",
-                        "state-root": "",
-                        "cache-dir": "",
-                        "site-misalignment": "",
-                        "cpus-per-site": 0,
-                        "admitted-keys": "",
-                    },
+                    "config": dict(RUN_CONFIG),
                 }
             }
         },
