@@ -27,6 +27,15 @@ logger = logging.getLogger("fedsynth.server")
 app = ServerApp()
 
 
+class CoordinatorEndedError(RuntimeError):
+    """The coordinator ends its run early (bad configuration, too few sites, a signal).
+
+    An ordinary exception, not ``SystemExit``: Flower's ServerApp runner catches it, pushes the
+    task's outcome and records the run as ``finished:failed`` with this message at once, where a
+    ``SystemExit`` skipped that and left the run "running" until its heartbeat expired.
+    """
+
+
 def _setup_logging(run_dir: Path) -> None:
     drop_opacus_root_handler()  # else every line would reach stderr twice (common.logs)
     root = logging.getLogger("fedsynth")
@@ -50,7 +59,7 @@ def _admitted(path: str) -> dict[str, str] | None:
     try:
         sites = json.loads(Path(path).read_text(encoding="utf-8"))["sites"]
     except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(
+        raise CoordinatorEndedError(
             f"fedsynth coordinator: cannot read the admitted keys {path}: {exc}"
         ) from None
     return {str(name): str(key) for name, key in sites.items()}
@@ -64,7 +73,9 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = load_config(Path(config_path) if config_path else None, environ={})
     except ConfigError as exc:
-        raise SystemExit(f"fedsynth coordinator: invalid configuration:\n{exc}") from None
+        raise CoordinatorEndedError(
+            f"fedsynth coordinator: invalid configuration:\n{exc}"
+        ) from None
     run_dir = Path(run_dir_text) if run_dir_text else config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir)
@@ -84,10 +95,11 @@ def main(grid: Grid, context: Context) -> None:
             try:
                 coordinator.run()
             except CoordinatorInterruptedError as exc:
-                raise SystemExit(f"fedsynth coordinator: {coordinator.interrupted(exc)}") from None
+                why = coordinator.interrupted(exc)
+                raise CoordinatorEndedError(f"fedsynth coordinator: {why}") from None
     except CoordinatorStoppedError as exc:
         logger.error("run stopped: %s", exc)
         atomic_write_text(run_dir / STOPPED_FILE, f"{exc}\n", mode=READABLE)
         current = status.current
         status.set("stopped", current.round if current else None, str(exc))
-        raise SystemExit(f"fedsynth coordinator stopped: {exc}") from None
+        raise CoordinatorEndedError(f"fedsynth coordinator stopped: {exc}") from None

@@ -678,3 +678,43 @@ def test_daemons_with_damaged_scans_report_them_or_train_without_them(
     )
     # Still running (its SuperNode retrying the coordinator that ended) until the fixture stops it.
     assert cluster.procs[strict].poll() is None, cluster.log(strict)[-3000:]
+
+
+def test_a_run_stopped_by_min_sites_is_recorded_as_failed_at_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The coordinator's only site cannot train (unusable files): round 1 has no valid update,
+    the coordinator stops the run, and Flower records it as failed within seconds, not when the
+    ServerApp's heartbeat expires (as when it ended with SystemExit)."""
+    write_bad_site(tmp_path / "data" / "site-1", kinds=["units50mm"])
+    certs = make_certificates(tmp_path / "certs", ["site-1"])
+    config = _config_file(
+        tmp_path / "consortium.toml",
+        "federation.rounds=2",
+        "federation.min_sites=1",
+        "federation.evaluate_sites=false",
+    )
+    run = tmp_path / "run"
+    cluster.start(
+        "server",
+        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
+         "--port", str(cluster.port), "--config", str(config)],
+    )  # fmt: skip
+    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
+    cluster.start(
+        "site-1",
+        ["client", "--data-dir", str(tmp_path / "data" / "site-1"), "--superlink",
+         f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
+         "--key", str(certs.node_keys["site-1"][0]), "--state-dir", "state-1",
+         "--runtime-port", str(free_port())],
+    )  # fmt: skip
+    assert cluster.procs["server"].wait(400) == 1, cluster.log("server")[-3000:]
+    ended = time.time()
+    stopped = (run / "STOPPED").stat().st_mtime
+    said = cluster.log("server")
+    assert "0 valid update(s)" in (run / "STOPPED").read_text(encoding="utf-8")
+    assert "the run stopped" in said
+    assert "ended as running" not in said and "did not finish" not in said
+    # Flower had the outcome when `fedsynth server` read it: the run is over in its records.
+    assert ended - stopped < 5.0, f"{ended - stopped:.1f} s from the stop to the recorded end"
+    assert read_status(run).state == "stopped"
