@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -336,20 +336,68 @@ def submit_run(
     return int(data["run-id"])
 
 
-def run_status(run_id: int, connection: str, flwr_home: Path) -> str:
-    """The Flower run's status text (``running``, ``finished:completed``, ...)."""
-    out = flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home)
-    data = json.loads(out)
-    runs = data.get("runs", [])
-    if not runs:
-        raise FlowerError(f"run {run_id} unknown to the SuperLink: {out}")
-    return str(runs[0].get("status", "unknown"))
+@contextlib.contextmanager
+def _flwr_home(flwr_home: Path) -> Iterator[None]:
+    """Point Flower's in-process configuration readers (which read ``FLWR_HOME``) at a folder."""
+    before = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(flwr_home)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = before
+
+
+class RunStatusReader:
+    """A run's status, read in this process through the SuperLink's Control API.
+
+    One client for a whole run, where each ``flwr ls`` process cost about 2.2 CPU-s (and the
+    coordinator polled every few seconds, taking up to half a core from sites training on the
+    same machine). Flower internals used, pinned with flwr 1.42 (what ``flwr ls`` itself does):
+    ``flwr.cli.flower_config.read_superlink_connection``,
+    ``flwr.cli.utils.init_http_client_from_connection``, ``flwr.proto.control_pb2.ListRunsRequest``
+    and ``flwr.common.serde.run_from_proto``.
+    """
+
+    def __init__(self, connection: str, flwr_home: Path):
+        from flwr.cli.flower_config import read_superlink_connection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        try:
+            with _flwr_home(flwr_home):
+                self._client = init_http_client_from_connection(
+                    read_superlink_connection(connection)
+                )
+        except Exception as exc:  # click's, httpx's and Flower's own errors alike
+            raise FlowerError(
+                f"cannot reach the SuperLink's Control API ({connection}): {exc}"
+            ) from exc
+
+    def status(self, run_id: int) -> str:
+        """``running``, ``finished:completed``, ``finished:failed``, ``finished:stopped``, ..."""
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        try:
+            response = self._client.ListRuns(ListRunsRequest(run_id=run_id))
+        except Exception as exc:
+            raise FlowerError(f"listing run {run_id} failed: {exc}") from exc
+        if not response.run_dict:
+            raise FlowerError(f"run {run_id} unknown to the SuperLink")
+        run = run_from_proto(next(iter(response.run_dict.values())))
+        if run.status.sub_status:
+            return f"{run.status.status}:{run.status.sub_status}"
+        return str(run.status.status)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def wait_run(
     run_id: int,
-    connection: str,
-    flwr_home: Path,
+    reader: RunStatusReader,
     timeout: float,
     poll: float = 2.0,
     watch: Sequence[Process] = (),
@@ -357,7 +405,7 @@ def wait_run(
     """Block until the run is finished; return its final status (``finished:...``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = run_status(run_id, connection, flwr_home)
+        status = reader.status(run_id)
         if status.startswith("finished"):
             return status
         for process in watch:

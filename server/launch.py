@@ -25,6 +25,7 @@ from common.config import RESOLVED_CONFIG_NAME, RunConfig, write_resolved_config
 from common.flower import (
     FlowerError,
     Process,
+    RunStatusReader,
     Tls,
     register_node,
     start_superlink,
@@ -298,18 +299,20 @@ def _serve(
         deadline = time.monotonic() + timeout
         status = "running"
         assert link.process is not None
-        while True:
-            offset = _tail(run_dir / "coordinator.log", offset, echo)
-            try:
-                status = wait_run(
-                    run_id, CONNECTION, link.flwr_home, timeout=2.0, poll=1.0, watch=[link.process]
-                )
-                break
-            except FlowerError as exc:
-                if "not finished" not in str(exc):
-                    raise
-            if time.monotonic() > deadline:
-                raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s")
+        reader = RunStatusReader(CONNECTION, link.flwr_home)
+        try:
+            while True:
+                offset = _tail(run_dir / "coordinator.log", offset, echo)
+                try:
+                    status = wait_run(run_id, reader, timeout=2.0, poll=1.0, watch=[link.process])
+                    break
+                except FlowerError as exc:
+                    if "not finished" not in str(exc):
+                        raise
+                if time.monotonic() > deadline:
+                    raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s")
+        finally:
+            reader.close()
         _tail(run_dir / "coordinator.log", offset, echo)
     stopped_file = run_dir / STOPPED_FILE
     stopped = stopped_file.read_text(encoding="utf-8").strip() if stopped_file.exists() else None

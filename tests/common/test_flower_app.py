@@ -6,6 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from common.flower import RUN_CONFIG, write_app_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,3 +44,30 @@ def test_the_submitted_app_declares_the_same_table(tmp_path: Path) -> None:
     assert (
         written["tool"]["flwr"]["app"]["components"] == project["tool"]["flwr"]["app"]["components"]
     )
+
+
+def test_waiting_for_a_run_reads_its_status_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `flwr ls` process per poll: the status comes from one in-process Control API client."""
+    import subprocess
+
+    from common import flower
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    answers = iter(["starting", "running", "running", "finished:completed"])
+
+    class Reader:
+        asked = 0
+
+        def status(self, run_id: int) -> str:
+            assert run_id == 7
+            Reader.asked += 1
+            return next(answers)
+
+    status = flower.wait_run(7, Reader(), timeout=5.0, poll=0.0)  # type: ignore[arg-type]
+    assert status == "finished:completed" and Reader.asked == 4
+    with pytest.raises(flower.FlowerError, match="not finished"):
+        flower.wait_run(7, Reader(), timeout=0.0)  # type: ignore[arg-type]
