@@ -110,6 +110,12 @@ def server_command(
         signum = exc.signum if isinstance(exc, ServerInterruptedError) else signal.SIGINT
         _report_interruption(run_dir, certs, insecure, signum)
         raise typer.Exit(128 + signum) from None
+    if outcome.status == "finished:stopped" and outcome.stopped:  # an operator's `flwr stop`
+        console.print(outcome.stopped)
+        access = "--insecure" if insecure else f"--certs {certs}"
+        if "--resume" in outcome.stopped:
+            console.print(f"continue with: fedsynth server --run-dir {run_dir} {access} --resume")
+        return
     if outcome.stopped:
         fail(f"the run stopped: {outcome.stopped}")
     if outcome.status != "finished:completed":

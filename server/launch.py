@@ -35,7 +35,8 @@ from common.flower import (
     write_connection,
 )
 from common.io import READABLE, atomic_write_text
-from server.status import STATUS_FILE, STOPPED_FILE, process_alive
+from server.checkpoint import latest_round
+from server.status import STATUS_FILE, STOPPED_FILE, StatusWriter, process_alive
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -232,6 +233,22 @@ def _wait_for_coordinator(run_dir: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _record_flwr_stop(run_dir: Path, run_id: int, rounds: int) -> None:
+    """Record that an operator ended the run with ``flwr stop``.
+
+    Flower ends the ServerApp with a signal then, which the coordinator records as an
+    interruption ("interrupted (SIGINT) ... --resume"), as if the machine had gone down. Once it
+    has exited, say what happened instead: the run was stopped on purpose, and where it stands.
+    """
+    _wait_for_coordinator(run_dir, timeout=30.0)
+    last = latest_round(run_dir) or 0
+    text = f"stopped with `flwr stop` (Flower run {run_id}) after round {last} of {rounds}" + (
+        "; --resume continues after it" if 0 < last < rounds else ""
+    )
+    atomic_write_text(run_dir / STOPPED_FILE, f"{text}\n", mode=READABLE)
+    StatusWriter(run_dir, rounds).set("stopped", last or None, text)
+
+
 def run_federation(
     config: RunConfig, options: ServeOptions, echo: Callable[[str], None] = print
 ) -> RunOutcome:
@@ -314,6 +331,8 @@ def _serve(
         finally:
             reader.close()
         _tail(run_dir / "coordinator.log", offset, echo)
+    if status == "finished:stopped":
+        _record_flwr_stop(run_dir, run_id, config.federation.rounds)
     stopped_file = run_dir / STOPPED_FILE
     stopped = stopped_file.read_text(encoding="utf-8").strip() if stopped_file.exists() else None
     return RunOutcome(status=status, run_id=run_id, run_dir=run_dir, stopped=stopped)

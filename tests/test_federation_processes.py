@@ -29,7 +29,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
 from common.accounting import RDP_ORDERS
-from common.flower import free_port, register_node, write_connection
+from common.flower import flwr, free_port, register_node, write_connection
 from server.certs import make_certificates, make_node_key
 from server.checkpoint import latest_round, round_dir
 from server.status import read_status
@@ -536,6 +536,9 @@ def test_faults_killed_site_bad_update_rejoin_and_coordinator_resume(
     said = cluster.log("server")
     assert "stopped by SIGTERM" in said
     assert "continue with: fedsynth server --run-dir run --certs certs --resume" in said
+    # What Flower did: it ended the ServerApp with a signal, which the coordinator took for an
+    # interruption (and said so in its own log) before `fedsynth server` recorded the stop.
+    assert "interrupted (" in (run / "coordinator.log").read_text(encoding="utf-8")
     assert read_status(run).state == "interrupted"
     assert not (run / "superlink.pid").exists()
     _wait_for(lambda: not _alive(serverapp), 30, "the ServerApp to exit", cluster)
@@ -718,3 +721,47 @@ def test_a_run_stopped_by_min_sites_is_recorded_as_failed_at_once(
     # Flower had the outcome when `fedsynth server` read it: the run is over in its records.
     assert ended - stopped < 5.0, f"{ended - stopped:.1f} s from the stop to the recorded end"
     assert read_status(run).state == "stopped"
+
+
+def test_flwr_stop_is_recorded_as_a_stop_not_an_interruption(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """An operator ends the run with the stock `flwr stop`: `fedsynth server` exits 0, and
+    status says the run was stopped on purpose and how to continue, not "interrupted"."""
+    sites = phantom_sites(tmp_path / "data", (2,))
+    certs = make_certificates(tmp_path / "certs", ["site-1"])
+    config = _config_file(
+        tmp_path / "consortium.toml",
+        "federation.rounds=3",
+        "federation.min_sites=1",
+        "federation.evaluate_sites=false",
+    )
+    run = tmp_path / "run"
+    cluster.start(
+        "server",
+        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
+         "--port", str(cluster.port), "--config", str(config)],
+    )  # fmt: skip
+    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
+    cluster.start(
+        "site-1",
+        ["client", "--data-dir", str(sites[0]), "--superlink", f"127.0.0.1:{cluster.port}",
+         "--ca", str(certs.ca_cert), "--key", str(certs.node_keys["site-1"][0]),
+         "--state-dir", "state-1", "--runtime-port", str(free_port())],
+    )  # fmt: skip
+    _wait_for(lambda: len(_rounds(run)) >= 1, 300, "round 1", cluster)
+    found = re.search(r"run (\d+) submitted", cluster.log("server"))
+    assert found, cluster.log("server")[-2000:]
+    flwr(["stop", found.group(1), "fedsynth"], run / "flwr")
+    assert cluster.procs["server"].wait(120) == 0, cluster.log("server")[-3000:]
+    status = read_status(run)
+    assert status.state == "stopped", status
+    assert "flwr stop" in status.detail and "interrupted" not in status.detail
+    done = latest_round(run)
+    assert done is not None and done < 3
+    said = cluster.log("server")
+    assert f"after round {done} of 3" in said
+    assert "continue with: fedsynth server --run-dir run --certs certs --resume" in said
+    # What Flower did: it ended the ServerApp with a signal, which the coordinator took for an
+    # interruption (and said so in its own log) before `fedsynth server` recorded the stop.
+    assert "interrupted (" in (run / "coordinator.log").read_text(encoding="utf-8")
