@@ -49,12 +49,18 @@ class MissingModalityError(SiteDataError):
     """A requested synthesis direction needs a modality the site does not have."""
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors behind it, outermost first (MONAI wraps a transform's error)."""
+    chain = [exc]
+    while (inner := exc.__cause__ or exc.__context__) is not None and inner not in chain:
+        chain.append(inner)
+        exc = inner
+    return chain
+
+
 def _root_cause(exc: BaseException) -> str:
     """The innermost error of a chain (MONAI wraps a transform's error in its own), one line."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
+    exc = _chain(exc)[-1]
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text if len(text) <= 200 else text[:197] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -72,14 +78,15 @@ def scan_failures(path: Path, doing: str = "preprocessing") -> Iterator[None]:
         yield
     except ScanError:
         raise
-    except MemoryError:
-        logger.debug("%s %s ran out of memory", doing, path, exc_info=True)
-        raise ScanError(
-            path,
-            f"ran out of memory while {doing} it",
-            hint="lower data.max_voxels, or give this machine more memory",
-        ) from None
     except Exception as exc:
+        # A MemoryError inside a MONAI Compose arrives wrapped in its RuntimeError.
+        if any(isinstance(e, MemoryError) for e in _chain(exc)):
+            logger.debug("%s %s ran out of memory", doing, path, exc_info=True)
+            raise ScanError(
+                path,
+                f"ran out of memory while {doing} it",
+                hint="lower data.max_voxels, or give this machine more memory",
+            ) from None
         logger.debug("%s %s failed", doing, path, exc_info=True)
         raise ScanError(
             path, f"{doing} failed ({_root_cause(exc)})", hint=UNEXPECTED_HINT
