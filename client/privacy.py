@@ -33,18 +33,9 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModule as _GradSampleModule
-from opacus.grad_sample.conv import compute_conv_grad_sample
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -52,6 +43,13 @@ from torch.utils.data import DataLoader, Dataset
 from common.accounting import RDP_ORDERS, epsilon_of
 from common.config import PrivacyConfig
 from common.models.intensity import IntensityMap, intensity_map_grad_sample
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
+
+# Opacus is imported where DP needs it, not with this module: it costs about 1.5 s of CPU per
+# import, and a site without DP (or the coordinator reading a budget) should not pay for it in
+# every ClientApp process.
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +128,8 @@ def plan_noise(
         sigma = float(privacy.noise_multiplier)
     else:
         assert privacy.target_epsilon is not None
+        from opacus.accountants.utils import get_noise_multiplier
+
         effective = get_noise_multiplier(
             target_epsilon=privacy.target_epsilon,
             target_delta=privacy.delta,
@@ -176,6 +176,8 @@ class SiteAccountant:
     def __init__(self, mechanism: str, delta: float):
         self.mechanism = mechanism
         self.delta = delta
+        from opacus.accountants import create_accountant
+
         self.accountant = create_accountant(mechanism=mechanism)
 
     @property
@@ -229,6 +231,8 @@ def patient_epsilon(
     """
     if steps == 0:
         return 0.0
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     q_group = 1.0 - (1.0 - plan.sample_rate) ** group
     orders = list(orders)
     rdp = rdp_analysis.compute_rdp(
@@ -252,6 +256,8 @@ def conv2d_grad_sample(
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
     if layer.groups != 1 or n == 0 or isinstance(layer.padding, str):
+        from opacus.grad_sample.conv import compute_conv_grad_sample
+
         return compute_conv_grad_sample(layer, activations, backprops)
     # (C_in, N, H, W) correlated with (N * C_out, 1, H', W'): C_in plays the batch.
     return _grouped_grad_sample(layer, x.transpose(0, 1), backprops, backprops)
@@ -267,6 +273,8 @@ def conv_transpose2d_grad_sample(
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
     if layer.groups != 1 or n == 0:
+        from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+
         return ft_compute_per_sample_gradient(layer, activations, backprops)
     # (C_out, N, H', W') correlated with (N * C_in, 1, H, W): C_out plays the batch.
     return _grouped_grad_sample(layer, backprops.transpose(0, 1), x, backprops)
@@ -308,6 +316,8 @@ def _grouped_grad_sample(
 def install_grad_samplers() -> None:
     """Use the grouped-convolution samplers for every ``Conv2d`` / ``ConvTranspose2d``, and
     register the intensity prior's exact sampler (:mod:`common.models.intensity`)."""
+    from opacus.grad_sample import GradSampleModule as _GradSampleModule
+
     _GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = conv2d_grad_sample
     _GradSampleModule.GRAD_SAMPLERS[nn.ConvTranspose2d] = conv_transpose2d_grad_sample
     _GradSampleModule.GRAD_SAMPLERS[IntensityMap] = intensity_map_grad_sample
@@ -326,6 +336,9 @@ def make_private(
     training step instead (see the module docstring). Noise comes from torch's global generator,
     so it is part of the trainer's saved RNG state (resume stays bit-exact).
     """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     install_grad_samplers()
     # Opacus' full backward hooks fire on the first layer, whose input needs no gradient: benign.
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
@@ -373,6 +386,8 @@ def poisson_loader(
 
     Batches vary in size and may be empty (the trainer then takes a pure-noise step).
     """
+    from opacus.data_loader import DPDataLoader
+
     return DPDataLoader(
         dataset,
         sample_rate=plan.sample_rate,

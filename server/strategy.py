@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.accounting import epsilon_of
 from common.config import FederationConfig, PrivacyConfig
@@ -240,6 +238,8 @@ class SiteLevelDP(Aggregator):
         self.clip_norm = clip_norm
         self.mechanism = mechanism
         self.delta = delta
+        from opacus.accountants import create_accountant  # only with site-level DP (1.5 s)
+
         self.accountant = create_accountant(mechanism=mechanism)
         # The noise must be unpredictable to the sites: a fresh secret seed per run, whose
         # generator state is saved with the server state so a resumed run continues exactly.
@@ -313,6 +313,8 @@ def site_level_noise(privacy: PrivacyConfig, *, sample_rate: float, rounds: int)
     if privacy.noise_multiplier is not None:
         return float(privacy.noise_multiplier)
     assert privacy.target_epsilon is not None
+    from opacus.accountants.utils import get_noise_multiplier
+
     sigma = get_noise_multiplier(
         target_epsilon=privacy.target_epsilon,
         target_delta=privacy.delta,
