@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import Affine
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,8 @@ def apply_affine(
     """Warp a (H, W) slice; pixels coming from outside the slice get ``background``."""
     if draw.rotation == 0.0 and draw.translation == (0.0, 0.0) and draw.scale == (1.0, 1.0):
         return image
+    from monai.transforms import Affine  # MONAI's import is heavy: only when a slice is warped
+
     transform = Affine(
         rotate_params=draw.rotation,
         translate_params=draw.translation,

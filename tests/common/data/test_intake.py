@@ -35,7 +35,7 @@ from monai.transforms import Spacingd
 from typer.testing import CliRunner
 
 from common.config import DataConfig
-from common.data import loading, preprocess
+from common.data import loading, transforms
 from common.data.errors import BadScansError, ScanError
 from common.data.inspect import inspect_site
 from common.data.loading import NIFTI2_HEADER, ScanLimits, read_scan
@@ -460,14 +460,14 @@ def _site_with_a_victim(root: Path) -> Path:
 def _inject(monkeypatch: pytest.MonkeyPatch, where: str, error: Callable[[], Exception]) -> None:
     """Make one step of the pipeline raise ``error()`` on the victim's volume only."""
     if where == "antialias":
-        original = preprocess.antialias
+        original = transforms.antialias
 
         def _failing_antialias(volume: np.ndarray, *args: Any) -> np.ndarray:
             if volume.shape == VICTIM_SHAPE:
                 raise error()
             return original(volume, *args)
 
-        monkeypatch.setattr(preprocess, "antialias", _failing_antialias)
+        monkeypatch.setattr(transforms, "antialias", _failing_antialias)
     else:
         original_call = Spacingd.__call__
 
