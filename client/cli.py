@@ -108,6 +108,14 @@ def client_command(
             "fixed or removed, and stays connected.",
         ),
     ] = False,
+    warm_worker: Annotated[
+        bool,
+        typer.Option(
+            help="Serve every message from one ClientApp worker that imports fedsynth once "
+            "(client/worker.py); --no-warm-worker starts a fresh Flower ClientApp process per "
+            "message instead (slower; for comparison or if the worker misbehaves).",
+        ),
+    ] = True,
     fault: Annotated[
         str | None,
         typer.Option(hidden=True, help="Testing only: corrupt updates (nan or shape)."),
@@ -127,6 +135,7 @@ def client_command(
         runtime_port=runtime_port,
         max_epsilon=max_epsilon,
         skip_bad=skip_bad,
+        warm_worker=warm_worker,
     )
     if insecure:
         Console(stderr=True).print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}")

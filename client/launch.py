@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.worker import WORKER_ENV
 from common.data.discovery import discover_site
 from common.flower import BIN, flower_env, node_config_text
 
@@ -47,6 +48,7 @@ class ClientOptions:
     runtime_port: int = 9094
     max_epsilon: float | None = None
     skip_bad: bool = False
+    warm_worker: bool = True  # False: Flower's own SuperExec, a fresh process per message
 
 
 def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]]:
@@ -95,6 +97,8 @@ def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]
         command += ["--root-certificates", str(Path(str(options.root_certificates)).resolve())]
         command += ["--auth-supernode-private-key", str(Path(str(options.private_key)).resolve())]
     command += ["--host", "127.0.0.1", "--port", str(options.runtime_port)]
+    if options.warm_worker:  # fedsynth's worker is the SuperExec (client.worker)
+        command += ["--isolation", "process"]
     command += ["--node-config", node_config_text(node_config)]
     return command, flower_env(state_dir / "flwr")
 
@@ -162,6 +166,14 @@ def run_supernode(options: ClientOptions, echo: Callable[[str], None] = print) -
     # gets SIGTERM should this process die without stopping it (Linux: PR_SET_PDEATHSIG).
     process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
     received: list[int] = []
+    worker: subprocess.Popen[bytes] | None = None
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        """The warm ClientApp worker (client.worker), the SuperNode's SuperExec."""
+        argv = [sys.executable, "-m", "client.worker",
+                "--runtime-api-address", f"127.0.0.1:{options.runtime_port}",
+                "--parent-pid", str(process.pid)]  # fmt: skip
+        return subprocess.Popen(argv, env={**env, **WORKER_ENV}, preexec_fn=_die_with_parent)
 
     def forward(signum: int, frame: object) -> None:
         if not received:
@@ -170,15 +182,40 @@ def run_supernode(options: ClientOptions, echo: Callable[[str], None] = print) -
                 f"in progress is abandoned, {options.state_dir} keeps the last finished round"
             )
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
+        for running in (process, worker):
+            if running is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    running.send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    restarts = 0
     try:
-        code = process.wait()
+        if options.warm_worker:
+            worker = start_worker()
+        while True:
+            try:
+                code = process.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if worker is not None and worker.poll() is not None and not received:
+                # The worker only dies of a bug or a kill (a message's crash ends its own child):
+                # start another, backing off, so that the site stays in the consortium.
+                restarts += 1
+                echo(
+                    f"fedsynth client: the ClientApp worker exited ({worker.returncode}); "
+                    f"starting it again ({restarts})"
+                )
+                time.sleep(min(30.0, 2.0**restarts))
+                worker = start_worker()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if worker is not None and worker.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(STOP_GRACE_S)
     if subreaper:
         left = _reap(time.monotonic() + STOP_GRACE_S)
         for pid in left:

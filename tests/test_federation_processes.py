@@ -416,7 +416,10 @@ def test_an_unregistered_node_key_is_refused(deployment: Deployment) -> None:
         if body in line
     ]
     assert refusals and all("No SuperNode found with the given public key" in r for r in refusals)
-    assert "connection attempt failed" in cluster.log("intruder").lower()
+    # Its SuperNode says so: with the warm worker (--isolation process) Flower gives up at once
+    # with exit code 305; with its own SuperExec it retried ("connection attempt failed").
+    said = cluster.log("intruder").lower()
+    assert "failed to activate supernode" in said or "connection attempt failed" in said
 
 
 def test_a_node_registered_through_the_control_api_takes_no_part(deployment: Deployment) -> None:
@@ -681,6 +684,16 @@ def test_daemons_with_damaged_scans_report_them_or_train_without_them(
     )
     # Still running (its SuperNode retrying the coordinator that ended) until the fixture stops it.
     assert cluster.procs[strict].poll() is None, cluster.log(strict)[-3000:]
+    # Each daemon imported its ClientApp once, in its warm worker, and served every message of
+    # the run from it: one forked child per message, never with other threads running.
+    for name in (lenient, strict):
+        log = cluster.log(name)
+        ready = re.findall(r"warm ClientApp worker ready \(pid (\d+), 1 thread\(s\)\)", log)
+        served = re.findall(r"warm worker (\d+): message (\d+)", log)
+        assert len(ready) == 1, log[-3000:]
+        assert len(served) >= 2 and {pid for pid, _ in served} == set(ready)
+        assert [int(n) for _, n in served] == list(range(1, len(served) + 1))
+        assert "threads at fork time" not in log
 
 
 def test_a_run_stopped_by_min_sites_is_recorded_as_failed_at_once(
