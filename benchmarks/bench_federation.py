@@ -113,7 +113,7 @@ def wire(out: Path, rounds: int) -> None:
         )
 
 
-def overhead(out: Path, rounds: int) -> None:
+def overhead(out: Path, rounds: int, *, warm_worker: bool = True) -> None:
     sites = _consortium(out / "data")[:3]
     shutil.rmtree(out / "run", ignore_errors=True)
     certs = make_certificates(out / "certs", ["site-1", "site-2", "site-3"], overwrite=True)
@@ -150,7 +150,8 @@ def overhead(out: Path, rounds: int) -> None:
             start(
                 ["client", "--data-dir", str(site), "--superlink", f"127.0.0.1:{port}",
                  "--ca", str(certs.ca_cert), "--key", str(certs.node_keys[f"site-{i}"][0]),
-                 "--state-dir", str(out / f"state-{i}"), "--runtime-port", str(free_port())],
+                 "--state-dir", str(out / f"state-{i}"), "--runtime-port", str(free_port()),
+                 *([] if warm_worker else ["--no-warm-worker"])],
                 f"site-{i}.log",
             )  # fmt: skip
         if server.wait(3600) != 0:
@@ -168,7 +169,11 @@ def overhead(out: Path, rounds: int) -> None:
             f"{r['overhead_seconds']:11.1f}  {sorted(set(r['bytes_up'].values()))}"
         )
     later = [r["overhead_seconds"] for r in rows[1:]] or [rows[0]["overhead_seconds"]]
-    print(f"median overhead, rounds 2-{len(rows)}: {statistics.median(later):.1f} s")
+    walls = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]
+    print(
+        f"median overhead, rounds 2-{len(rows)}: {statistics.median(later):.1f} s, "
+        f"{statistics.median(o / w for o, w in zip(later, walls, strict=True)):.1%} of the round"
+    )
 
 
 def main() -> None:
@@ -176,9 +181,17 @@ def main() -> None:
     parser.add_argument("what", choices=["wire", "overhead"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--no-warm-worker",
+        action="store_true",
+        help="overhead: the daemons start a Flower ClientApp process per message",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    (wire if args.what == "wire" else overhead)(args.out, args.rounds)
+    if args.what == "wire":
+        wire(args.out, args.rounds)
+    else:
+        overhead(args.out, args.rounds, warm_worker=not args.no_warm_worker)
 
 
 if __name__ == "__main__":
