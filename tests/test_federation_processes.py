@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 
 from common.accounting import RDP_ORDERS
 from common.flower import flwr, free_port, register_node, write_connection
-from server.certs import make_certificates, make_node_key
+from server.certs import CertificateSet, make_certificates, make_node_key
 from server.checkpoint import latest_round, round_dir
 from server.status import read_status
 from simulations.federated import simulate
@@ -601,6 +601,34 @@ def test_faults_killed_site_bad_update_rejoin_and_coordinator_resume(
 # --------------------------------------------------------------------------- damaged scans
 
 
+def _serve(cluster: Cluster, config: Path, run: Path) -> None:
+    """`fedsynth server` on the cluster's port, with TLS and node authentication, until it waits."""
+    cluster.start(
+        "server",
+        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
+         "--port", str(cluster.port), "--config", str(config)],
+    )  # fmt: skip
+    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
+
+
+def _daemon(
+    cluster: Cluster,
+    name: str,
+    data: Path,
+    certs: CertificateSet,
+    *extra: str,
+) -> int:
+    """A hospital's `fedsynth client` named ``name``; returns its runtime port."""
+    port = free_port()
+    cluster.start(
+        name,
+        ["client", "--data-dir", str(data), "--superlink", f"127.0.0.1:{cluster.port}",
+         "--ca", str(certs.ca_cert), "--key", str(certs.node_keys[name][0]),
+         "--state-dir", f"state-{name}", "--runtime-port", str(port), *extra],
+    )  # fmt: skip
+    return port
+
+
 def test_daemons_with_damaged_scans_report_them_or_train_without_them(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -619,22 +647,11 @@ def test_daemons_with_damaged_scans_report_them_or_train_without_them(
         "federation.round_timeout_s=300",
     )
     run = tmp_path / "run"
-    cluster.start(
-        "server",
-        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
-         "--port", str(cluster.port), "--config", str(config)],
-    )  # fmt: skip
-    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
-    runtime_ports = {}
-    for name, extra in ((lenient, ["--skip-bad"]), (strict, [])):
-        runtime_ports[name] = free_port()
-        cluster.start(
-            name,
-            ["client", "--data-dir", str(tmp_path / "data" / name), "--superlink",
-             f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
-             "--key", str(certs.node_keys[name][0]), "--state-dir", f"state-{name}",
-             "--runtime-port", str(runtime_ports[name]), *extra],
-        )  # fmt: skip
+    _serve(cluster, config, run)
+    runtime_ports = {
+        name: _daemon(cluster, name, tmp_path / "data" / name, certs, *extra)
+        for name, extra in ((lenient, ["--skip-bad"]), (strict, []))
+    }
 
     _wait_for(lambda: len(_rounds(run)) >= 1, 400, "round 1", cluster)
     # No process fedsynth started reports to Flower's telemetry or checks for updates: the
@@ -711,19 +728,8 @@ def test_a_run_stopped_by_min_sites_is_recorded_as_failed_at_once(
         "federation.evaluate_sites=false",
     )
     run = tmp_path / "run"
-    cluster.start(
-        "server",
-        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
-         "--port", str(cluster.port), "--config", str(config)],
-    )  # fmt: skip
-    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
-    cluster.start(
-        "site-1",
-        ["client", "--data-dir", str(tmp_path / "data" / "site-1"), "--superlink",
-         f"127.0.0.1:{cluster.port}", "--ca", str(certs.ca_cert),
-         "--key", str(certs.node_keys["site-1"][0]), "--state-dir", "state-1",
-         "--runtime-port", str(free_port())],
-    )  # fmt: skip
+    _serve(cluster, config, run)
+    _daemon(cluster, "site-1", tmp_path / "data" / "site-1", certs)
     assert cluster.procs["server"].wait(400) == 1, cluster.log("server")[-3000:]
     ended = time.time()
     stopped = (run / "STOPPED").stat().st_mtime
@@ -750,18 +756,8 @@ def test_flwr_stop_is_recorded_as_a_stop_not_an_interruption(
         "federation.evaluate_sites=false",
     )
     run = tmp_path / "run"
-    cluster.start(
-        "server",
-        ["server", "--run-dir", "run", "--certs", "certs", "--host", "127.0.0.1",
-         "--port", str(cluster.port), "--config", str(config)],
-    )  # fmt: skip
-    _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
-    cluster.start(
-        "site-1",
-        ["client", "--data-dir", str(sites[0]), "--superlink", f"127.0.0.1:{cluster.port}",
-         "--ca", str(certs.ca_cert), "--key", str(certs.node_keys["site-1"][0]),
-         "--state-dir", "state-1", "--runtime-port", str(free_port())],
-    )  # fmt: skip
+    _serve(cluster, config, run)
+    _daemon(cluster, "site-1", sites[0], certs)
     _wait_for(lambda: len(_rounds(run)) >= 1, 300, "round 1", cluster)
     found = re.search(r"run (\d+) submitted", cluster.log("server"))
     assert found, cluster.log("server")[-2000:]

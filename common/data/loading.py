@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -374,16 +375,24 @@ def read_header(
     """Check a scan's header only (a few kilobytes read), as :func:`read_scan` does first."""
     path = Path(path)
     with _readable(path), path.open("rb") as handle:
-        _check_size(path, handle, limits)
-        stream = _Stream(path, handle, hashlib.sha256())
-        head = io.BytesIO()
-        stream.read(NIFTI2_HEADER, head)
-        return check_header(path, head.getvalue(), limits, spacing_mm)
+        return _header_first(path, handle, limits, spacing_mm)[2]
+
+
+def _header_first(
+    path: Path,
+    handle: IO[bytes],
+    limits: ScanLimits,
+    spacing_mm: tuple[float, float, float] | None,
+) -> tuple[_Stream, io.BytesIO, HeaderFacts]:
+    """The file's size, then its header, checked: the stream, what it gave so far, the facts."""
+    _check_size(path, handle, limits)
+    stream = _Stream(path, handle, hashlib.sha256())
+    content = io.BytesIO()
+    stream.read(NIFTI2_HEADER, content)
+    return stream, content, check_header(path, content.getvalue(), limits, spacing_mm)
 
 
 def _check_size(path: Path, handle: IO[bytes], limits: ScanLimits) -> None:
-    import os
-
     size = os.fstat(handle.fileno()).st_size
     if size == 0:
         raise ScanError(path, "empty file (0 bytes)")
@@ -411,11 +420,7 @@ def read_scan(
     """
     path = Path(path)
     with _readable(path), path.open("rb") as handle:
-        _check_size(path, handle, limits)
-        stream = _Stream(path, handle, hashlib.sha256())
-        content = io.BytesIO()
-        stream.read(NIFTI2_HEADER, content)
-        facts = check_header(path, content.getvalue(), limits, spacing_mm)
+        stream, content, facts = _header_first(path, handle, limits, spacing_mm)
         wanted = facts.content_bytes - content.tell()
         got = stream.read(wanted, content) if wanted > 0 else 0
         if got < wanted:
