@@ -238,9 +238,8 @@ def _load_site(settings: SiteSettings, config: RunConfig) -> SiteData:
     except BadScansError as exc:
         logger.error("site data: %s", exc)
         raise SiteError(
-            f"unusable files: {len(exc.errors)} scan(s) cannot be used and data.skip_bad is "
-            "off (the site's log names them; the hospital can fix them or start its daemon "
-            "with --skip-bad)"
+            f"{exc.summary} (the site's log names them; the hospital can fix them or start its "
+            "daemon with --skip-bad)"
         ) from None
 
 

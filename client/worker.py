@@ -121,8 +121,7 @@ class ForkExecutor:
             self.children.pop(pid, None)
         if self.parent_pid is not None and not _alive(self.parent_pid):
             logger.info("warm worker: the SuperNode (pid %d) is gone; stopping", self.parent_pid)
-            self.close()
-            raise SystemExit(0)
+            raise SystemExit(0)  # Flower's loop closes this executor on the way out
 
     def close(self) -> None:
         """Stop the children still running (the SuperNode is stopping)."""

@@ -299,9 +299,7 @@ def count_slices(
             counts[name] = {"a": site.slices_a, "b": site.slices_b}
         except BadScansError as exc:
             logger.warning("%s: %s", name, exc)
-            unusable[name] = (
-                f"unusable files: {len(exc.errors)} scan(s) cannot be used and data.skip_bad is off"
-            )
+            unusable[name] = exc.summary
         except (ScanError, ValueError) as exc:
             logger.info("%s: %s", name, exc)
     return counts, unusable

@@ -34,6 +34,10 @@ class BadScansError(SiteDataError):
 
     def __init__(self, errors: Sequence[ScanError]):
         self.errors = list(errors)
+        # What may leave the site (the coordinator's log, a report): no path, file or subject.
+        self.summary = (
+            f"unusable files: {len(self.errors)} scan(s) cannot be used and data.skip_bad is off"
+        )
         lines = "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(
             f"{len(self.errors)} unusable scan(s); fix or remove them, or pass --skip-bad "

@@ -61,17 +61,19 @@ class SiteData:
 
     @property
     def domain_a(self) -> list[Volume]:
-        everyone = [a for a, _ in self.paired] + self.unpaired_a
-        if self.pairing == "weak":
-            return everyone
-        return self._split()[0]
+        return self._domains()[0]
 
     @property
     def domain_b(self) -> list[Volume]:
-        everyone = [b for _, b in self.paired] + self.unpaired_b
-        if self.pairing == "weak":
-            return everyone
-        return self._split()[1]
+        return self._domains()[1]
+
+    def _domains(self) -> tuple[list[Volume], list[Volume]]:
+        """Every source and target volume (weak pairing), or the unpaired subject split."""
+        if self.pairing != "weak":
+            return self._split()
+        sources = [a for a, _ in self.paired] + self.unpaired_a
+        targets = [b for _, b in self.paired] + self.unpaired_b
+        return sources, targets
 
     def _split(self) -> tuple[list[Volume], list[Volume]]:
         sources = [a for a, _ in self.paired] + self.unpaired_a
