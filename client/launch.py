@@ -21,7 +21,7 @@ from pathlib import Path
 
 from client.worker import WORKER_ENV
 from common.data.discovery import discover_site
-from common.flower import BIN, flower_env, node_config_text
+from common.flower import flower_env, node_config_text
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
@@ -52,7 +52,7 @@ class ClientOptions:
 
 
 def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]]:
-    """The ``flower-supernode`` command line and environment for these options.
+    """The SuperNode's command line (``flower-supernode``'s options) and environment.
 
     Raises:
         ValueError: TLS material missing without ``insecure``, or an unusable data folder.
@@ -90,7 +90,8 @@ def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]
         if not options.max_epsilon > 0:
             raise ValueError(f"--max-epsilon {options.max_epsilon}: must be positive")
         node_config["max-epsilon"] = float(options.max_epsilon)
-    command = [str(BIN / "flower-supernode"), "--superlink", options.superlink]
+    # Flower's flower-supernode with shorter waits (client.supernode, common.flower_waits)
+    command = [sys.executable, "-m", "client.supernode", "--superlink", options.superlink]
     if options.insecure:
         command.append("--insecure")
     else:

@@ -23,7 +23,8 @@ Flower internals used, pinned with ``flwr==1.42.*`` in pyproject.toml (checked t
 ``get_executor``, which this worker replaces for its own process), the executor interface of
 ``flwr.supercore.superexec.executor`` (``ExecutionSpec``, ``LaunchResult``,
 ``SubprocessExecutor``), ``flwr.supercore.constant.TaskType`` and
-``flwr.supernode.runtime.run_clientapp.run_clientapp``.
+``flwr.supernode.runtime.run_clientapp.run_clientapp``; and, for the object retries every child
+inherits, those of :mod:`common.flower_waits`.
 
 Run by ``fedsynth client`` (:func:`client.launch.run_supernode`)::
 
@@ -48,7 +49,9 @@ logger = logging.getLogger("fedsynth.client")
 # Set in the worker's environment by the daemon, before numpy loads: OpenBLAS (numpy's and
 # SciPy's) would otherwise start its thread pool at import, and a process should not fork with
 # threads running. The ClientApp's heavy arithmetic is torch's, which sets its own threads.
-WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL is Flower's own setting: how often its SuperExec loop asks the
+# SuperNode for a task (1 s by default); a question on loopback costs next to nothing.
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
 def thread_count() -> int:
@@ -200,6 +203,9 @@ def serve(runtime_api_address: str, parent_pid: int | None) -> None:
         raise RuntimeError("the warm worker initialised CUDA before forking")
     from flwr.supercore.superexec import run_superexec as superexec
 
+    from common.flower_waits import quick_object_pulls
+
+    quick_object_pulls()  # inherited by every child (common.flower_waits)
     executor = ForkExecutor(parent_pid)
     # Flower's loop builds its executor through this module-level name: this process uses ours.
     superexec.get_executor = lambda *args, **kwargs: executor

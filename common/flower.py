@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -365,6 +366,8 @@ class RunStatusReader:
         from flwr.cli.flower_config import read_superlink_connection
         from flwr.cli.utils import init_http_client_from_connection
 
+        # httpx logs every request at INFO: a line a second in the coordinator's output.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         try:
             with _flwr_home(flwr_home):
                 self._client = init_http_client_from_connection(

@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, load_config
+from common.flower_waits import quick_object_pulls
 from common.io import READABLE, atomic_write_text
 from common.logs import drop_opacus_root_handler
 from server.coordinator import Coordinator, CoordinatorInterruptedError, CoordinatorStoppedError
@@ -67,6 +68,7 @@ def _admitted(path: str) -> dict[str, str] | None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quick_object_pulls()  # the sites' replies are read as soon as they are whole
     run_config = context.run_config
     config_path = str(run_config.get("config-path", ""))
     run_dir_text = str(run_config.get("run-dir", ""))
