@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -130,19 +131,35 @@ def _instruction(msg: Message) -> RoundInstruction:
         raise SiteError(str(exc)) from None
 
 
+def _global_state(msg: Message, instruction: RoundInstruction) -> dict[str, torch.Tensor]:
+    try:
+        return from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
+    except ValueError as exc:
+        raise SiteError(f"the coordinator's weights cannot be unpacked: {exc}") from None
+
+
+def _in_order(
+    shared: dict[str, torch.Tensor], received: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The reply's entries in the order of the received layout, which the coordinator unpacks by."""
+    if set(shared) != set(received):
+        raise SiteError("the trained networks' parameters differ from the coordinator's")
+    return {key: shared[key] for key in received}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
         settings = SiteSettings.from_configs(context.node_config, context.run_config)
         setup_site_logging(settings.state_dir)
         instruction = _instruction(msg)
-        global_state = from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
+        global_state = _global_state(msg, instruction)
         shared, metrics = train_round(
             settings, instruction, global_state, _store(settings, context)
         )
         content = RecordDict(
             {
-                ARRAYS: to_record(shared, instruction.wire_dtype),
+                ARRAYS: to_record(_in_order(shared, global_state), instruction.wire_dtype),
                 METRICS: metrics_record(metrics),
             }
         )
@@ -157,7 +174,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         settings = SiteSettings.from_configs(context.node_config, context.run_config)
         setup_site_logging(settings.state_dir)
         instruction = _instruction(msg)
-        global_state = from_record(msg.content.array_records[ARRAYS], instruction.wire_dtype)
+        global_state = _global_state(msg, instruction)
         metrics = evaluate_round(settings, instruction, global_state)
         return Message(RecordDict({METRICS: metrics_record(metrics)}), reply_to=msg)
     except Exception as exc:

@@ -5,6 +5,11 @@ sees the reply after the app produced it, on its way out) appends one JSON line 
 type, its error if any, and for every record the keys with their dtype and shape (arrays), their
 value (metrics) or their value's type (anything else). Array contents are never written: the log
 shows what left the site without being a copy of it.
+
+Weights travel packed (:mod:`common.wire`): the reply's arrays are one vector of numbers (and
+one of integers, if the networks have integer buffers), with no names. The log adds, under
+``packed``, which parameters those numbers are, with their shapes and dtypes, from the layout of
+the coordinator's message the reply answers (the site packs in that order).
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ from typing import Any
 
 from flwr.app import Context, Message
 
+from common.wire import LAYOUT, Slot, read_layout
+
 Handler = Callable[[Message, Context], Message]
 
 
-def describe(msg: Message) -> dict[str, Any]:
-    """A JSON-ready outline of a message: records, keys, dtypes, shapes, metric values."""
+def describe(msg: Message, answered: Message | None = None) -> dict[str, Any]:
+    """A JSON-ready outline of a message: records, keys, dtypes, shapes, metric values.
+
+    ``answered``: the message ``msg`` replies to; its layout names the packed parameters.
+    """
     entry: dict[str, Any] = {"type": msg.metadata.message_type, "time": time.time()}
     if msg.has_error():
         entry["error"] = {"code": msg.error.code, "reason": msg.error.reason}
@@ -35,6 +45,11 @@ def describe(msg: Message) -> dict[str, Any]:
                 for key in record
             },
         }
+        packed = _layout(answered, name)
+        if packed is not None:
+            records[name]["packed"] = {
+                slot.key: {"dtype": slot.dtype, "shape": list(slot.shape)} for slot in packed
+            }
     for name, metrics in msg.content.metric_records.items():
         records[name] = {
             "kind": "metrics",
@@ -52,6 +67,19 @@ def describe(msg: Message) -> dict[str, Any]:
     return entry
 
 
+def _layout(message: Message | None, name: str) -> list[Slot] | None:
+    """The layout the coordinator sent in record ``name`` of ``message``, if it has one."""
+    if message is None or message.has_error() or name not in message.content.array_records:
+        return None
+    record = message.content.array_records[name]
+    if LAYOUT not in record:
+        return None
+    try:
+        return read_layout({LAYOUT: record[LAYOUT].numpy()})
+    except ValueError:
+        return None
+
+
 def record_outgoing(msg: Message, context: Context, call_next: Handler) -> Message:
     """ClientApp mod: pass the message on, then log the reply when ``audit-log`` is set."""
     reply = call_next(msg, context)
@@ -60,5 +88,5 @@ def record_outgoing(msg: Message, context: Context, call_next: Handler) -> Messa
         path = Path(str(target))
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(describe(reply), sort_keys=True) + "\n")
+            handle.write(json.dumps(describe(reply, msg), sort_keys=True) + "\n")
     return reply

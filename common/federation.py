@@ -9,8 +9,8 @@ survives rounding to float16/bfloat16 as an update, but would vanish if the weig
 rounded. The coordinator adds the updates to its float32 master weights (:func:`apply_update`),
 like mixed-precision training keeps float32 master weights. :func:`audit_reply` states the rule a
 reply must follow, and the coordinator applies it to every reply before looking at the weights:
-only arrays under the shared network keys and the whitelisted metric names, never text, never an
-image-shaped array.
+only the shared state, packed as numbers in the order the coordinator sent it, and the
+whitelisted metric names; never text, never an image-shaped array.
 
 Network parameters are flattened to ``"<net>.<param>"`` keys (``g_ab.model.1.weight``).
 """
@@ -26,7 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig, loads_config
-from common.wire import decode, encode
+from common.wire import LAYOUT, layout_of, pack, packed_problems, read_layout, unpack
 
 SITE_ERROR = 100  # a site declined the round for a reason it states (no path, no subject)
 SITE_CRASH = 101  # an unexpected exception at a site (details in the site's own log)
@@ -81,9 +81,6 @@ EVALUATE_METRICS = frozenset(
         "partition-id",
     }
 )
-# Any parameter tensor in these networks has at most this many dimensions; an image batch
-# (N, C, H, W) has four too, so the coordinator also compares shapes with the global model.
-MAX_PARAM_DIMS = 4
 
 
 @dataclass(frozen=True)
@@ -183,34 +180,35 @@ def apply_update(
     }
 
 
-def to_record(state: Mapping[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
-    """Encode a flat state for the wire (float16/bfloat16 if asked; integers unchanged)."""
-    return ArrayRecord({k: Array(v) for k, v in encode(state, wire_dtype).items()})
+def to_record(
+    state: Mapping[str, torch.Tensor], wire_dtype: str, *, layout: bool = False
+) -> ArrayRecord:
+    """Pack a flat state for the wire (:func:`common.wire.pack`: float16/bfloat16 if asked,
+    integers unchanged); ``layout=True`` adds the names and shapes (the coordinator's message)."""
+    return ArrayRecord(
+        {k: Array(v) for k, v in pack(state, wire_dtype, with_layout=layout).items()}
+    )
 
 
 def from_record(
     record: ArrayRecord, wire_dtype: str, reference: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Decode an ``ArrayRecord`` to float32 tensors.
+    """Unpack an ``ArrayRecord`` to float32 tensors (integer entries in their own dtype).
 
-    ``reference`` (the global state) says which keys are integer buffers; without it, integer
-    arrays other than bfloat16's ``uint16`` patterns are taken to be integer buffers.
+    ``reference`` (the global state) gives the layout, in its order; without it the record's
+    own layout is used (a site reading the coordinator's message).
+
+    Raises:
+        ValueError: the record does not fit the layout.
     """
     arrays = {key: record[key].numpy() for key in record}
-    if reference is None:
-        reference = {
-            key: torch.empty(
-                0,
-                dtype=torch.float32 if a.dtype.kind == "f" or a.dtype == np.uint16 else torch.int64,
-            )
-            for key, a in arrays.items()
-        }
-    return decode(arrays, wire_dtype, reference=reference)
+    slots = layout_of(reference) if reference is not None else read_layout(arrays)
+    return unpack(arrays, wire_dtype, slots)
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the arrays in a record."""
-    return int(sum(record[key].numpy().nbytes for key in record))
+    """Payload bytes of the weights in a record (the layout, a few KB of names, not counted)."""
+    return int(sum(record[key].numpy().nbytes for key in record if key != LAYOUT))
 
 
 def metrics_record(values: Mapping[str, float | int]) -> MetricRecord:
@@ -237,7 +235,8 @@ def audit_reply(
     content: RecordDict,
     *,
     kind: Literal["train", "evaluate"],
-    expected: Mapping[str, tuple[int, ...]] | None,
+    expected: Mapping[str, torch.Tensor] | None,
+    wire_dtype: str = "float32",
 ) -> list[str]:
     """Every way a site's reply breaks the content rule (empty when it is acceptable).
 
@@ -245,7 +244,9 @@ def audit_reply(
         content: the reply's records.
         kind: ``"train"`` replies must carry ``arrays`` and ``metrics``; ``"evaluate"`` replies
             carry ``metrics`` only.
-        expected: the shared parameter names and shapes (train replies).
+        expected: the shared state the reply's arrays must fit (train replies): packed in
+            ``wire_dtype`` in this state's order, numbers only.
+        wire_dtype: the run's ``federation.wire_dtype``.
     """
     problems: list[str] = []
     allowed = TRAIN_METRICS if kind == "train" else EVALUATE_METRICS
@@ -268,28 +269,14 @@ def audit_reply(
             problems.append("no arrays record")
         else:
             record = content.array_records[ARRAYS]
-            if expected is not None:
-                keys = set(record.keys())
-                if keys != set(expected):
-                    missing, unexpected = set(expected) - keys, keys - set(expected)
-                    if missing:
-                        problems.append(f"{len(missing)} shared parameter(s) missing")
-                    if unexpected:
-                        problems.append(f"{len(unexpected)} array(s) under unexpected keys")
+            if LAYOUT in record:
+                problems.append("carries a layout: a site sends numbers only")
             for key in record:
-                array = record[key]
-                if len(array.shape) > MAX_PARAM_DIMS:
-                    problems.append(f"array {key!r} has {len(array.shape)} dimensions")
-                if (
-                    expected is not None
-                    and key in expected
-                    and tuple(array.shape) != tuple(expected[key])
-                ):
-                    problems.append(
-                        f"array {key!r} has shape {tuple(array.shape)}, expected {expected[key]}"
-                    )
-                if array.dtype not in ("float32", "float16", "uint16", "int64", "int32", "bool"):
-                    problems.append(f"array {key!r} has dtype {array.dtype}")
+                if len(record[key].shape) > 1:
+                    problems.append(f"array {key!r} has {len(record[key].shape)} dimensions")
+            if expected is not None:
+                arrays = {key: record[key].numpy() for key in record if key != LAYOUT}
+                problems += packed_problems(arrays, wire_dtype, layout_of(expected))
     if content.config_records:
         problems.append("carries a config record: a site never sends text")
     return problems

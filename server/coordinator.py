@@ -87,7 +87,7 @@ logger = logging.getLogger("fedsynth.server")
 
 RUN_FILE = "run.json"
 SERVER_STATE = "server_state.pt"
-POLL_S = 0.5
+POLL_S = 0.2  # seconds between pulls for replies (a local request to the SuperLink)
 REPORT_EVERY_S = 30.0
 
 
@@ -411,7 +411,7 @@ class Coordinator:
             run_key=self.run_key,
             run_config=self.config_text,
         )
-        arrays = to_record(self.state, self.fed.wire_dtype)
+        arrays = to_record(self.state, self.fed.wire_dtype, layout=True)
         down = record_bytes(arrays)
         messages = [
             Message(
@@ -474,7 +474,6 @@ class Coordinator:
         start = time.perf_counter()
         nodes = self._select(self._wait_for_sites(round_number), round_number)
         exchange = self._exchange(nodes, "train", round_number)
-        shapes = {k: tuple(v.shape) for k, v in self.state.items()}
         updates: list[SiteUpdate] = []
         rejected: dict[str, list[str]] = {}
         train_metrics: dict[str, dict[str, float]] = {}
@@ -494,7 +493,9 @@ class Coordinator:
                 origin = "site" if code in (SITE_ERROR, SITE_CRASH) else "Flower"
                 rejected[self.site_name(node)] = [f"{origin} error {code}: {reply.error.reason}"]
                 continue
-            problems = audit_reply(reply.content, kind="train", expected=shapes)
+            problems = audit_reply(
+                reply.content, kind="train", expected=self.state, wire_dtype=self.fed.wire_dtype
+            )
             metrics: dict[str, float] = {}
             if not problems:
                 metrics = scalar_metrics(reply.content)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
 from common.federation import (
     ARRAYS,
@@ -20,13 +20,15 @@ from common.federation import (
     update_from,
 )
 
-EXPECTED = {"g_ab.w": (8, 1, 3, 3), "g_ab.b": (8,)}
+EXPECTED = {
+    "g_ab.w": torch.zeros(8, 1, 3, 3),
+    "g_ab.b": torch.zeros(8),
+    "g_ab.n": torch.zeros((), dtype=torch.int64),
+}
 
 
-def _reply(**extra: object) -> RecordDict:
-    arrays = ArrayRecord(
-        {k: Array(np.zeros(shape, dtype=np.float32)) for k, shape in EXPECTED.items()}
-    )
+def _reply(state: dict[str, torch.Tensor] | None = None, **extra: object) -> RecordDict:
+    arrays = to_record(EXPECTED if state is None else state, "float32")
     records: dict[str, object] = {ARRAYS: arrays, METRICS: MetricRecord({"num-examples": 12})}
     records.update(extra)
     return RecordDict(records)  # type: ignore[arg-type]
@@ -34,6 +36,8 @@ def _reply(**extra: object) -> RecordDict:
 
 def test_a_well_formed_reply_passes() -> None:
     assert audit_reply(_reply(), kind="train", expected=EXPECTED) == []
+    # Packed: a few arrays whatever the number of parameters, numbers only.
+    assert set(_reply().array_records[ARRAYS].keys()) == {"values", "integers"}
 
 
 def test_text_records_and_unknown_metrics_are_refused() -> None:
@@ -45,19 +49,37 @@ def test_text_records_and_unknown_metrics_are_refused() -> None:
     extra_metric.metric_records[METRICS]["subject-age"] = 54
     problems = audit_reply(extra_metric, kind="train", expected=EXPECTED)
     assert problems == ["metrics outside the whitelist: subject-age"]
+    # A layout is text (names): the coordinator sends one, a site never does.
+    texty = RecordDict(
+        {
+            ARRAYS: to_record(EXPECTED, "float32", layout=True),
+            METRICS: MetricRecord({"num-examples": 1}),
+        }
+    )
+    assert audit_reply(texty, kind="train", expected=EXPECTED) == [
+        "carries a layout: a site sends numbers only"
+    ]
 
 
 def test_image_shaped_or_unexpected_arrays_are_refused() -> None:
     reply = _reply()
     reply.array_records[ARRAYS]["slice"] = Array(np.zeros((1, 1, 64, 64, 1), dtype=np.float32))
     problems = audit_reply(reply, kind="train", expected=EXPECTED)
-    assert any("unexpected keys" in p for p in problems)
+    assert any("unexpected keys: slice" in p for p in problems)
     assert any("5 dimensions" in p for p in problems)
-    wrong = _reply()
-    wrong.array_records[ARRAYS]["g_ab.w"] = Array(np.zeros((8, 1, 3, 2), dtype=np.float32))
-    assert any(
-        "expected (8, 1, 3, 3)" in p for p in audit_reply(wrong, kind="train", expected=EXPECTED)
+    short = dict(EXPECTED, **{"g_ab.w": torch.zeros(8, 1, 3, 2)})
+    assert audit_reply(_reply(short), kind="train", expected=EXPECTED) == [
+        "'values' has 56 numbers, the shapes of the shared parameters 80"
+    ]
+    no_ints = {k: v for k, v in EXPECTED.items() if v.is_floating_point()}
+    assert audit_reply(_reply(no_ints), kind="train", expected=EXPECTED) == ["no 'integers' array"]
+    half = RecordDict(
+        {ARRAYS: to_record(EXPECTED, "float16"), METRICS: MetricRecord({"num-examples": 1})}
     )
+    assert audit_reply(half, kind="train", expected=EXPECTED, wire_dtype="float16") == []
+    assert audit_reply(half, kind="train", expected=EXPECTED) == [
+        "'values' is float16 with 1 dimension(s), expected 1-D float32"
+    ]
 
 
 def test_evaluate_replies_carry_metrics_only() -> None:
@@ -77,7 +99,7 @@ def test_state_round_trips_through_a_record(dtype: str, bytes_per_value: int) ->
     nets = {"g_ab": torch.nn.Conv2d(1, 4, 3), "g_ba": torch.nn.Conv2d(1, 4, 3)}
     state = flatten(nets, ["g_ab", "g_ba"])
     assert set(state) == {"g_ab.weight", "g_ab.bias", "g_ba.weight", "g_ba.bias"}
-    record = to_record(state, dtype)
+    record = to_record(state, dtype, layout=True)
     values = sum(v.numel() for v in state.values())
     assert record_bytes(record) == values * bytes_per_value
     back = from_record(record, dtype)
@@ -95,8 +117,8 @@ def test_updates_survive_half_precision_where_weights_would_not() -> None:
     trained = {"g_ab.w": received["g_ab.w"] + step}
     update = update_from(trained, received)
     for dtype in ("float16", "bfloat16"):
-        via_update = apply_update(received, from_record(to_record(update, dtype), dtype))
-        via_weights = from_record(to_record(trained, dtype), dtype)
+        via_update = apply_update(received, from_record(to_record(update, dtype), dtype, received))
+        via_weights = from_record(to_record(trained, dtype, layout=True), dtype)
         # Per-weight error of the step the coordinator sees.
         error_update = (via_update["g_ab.w"] - trained["g_ab.w"]).abs().mean()
         error_weights = (via_weights["g_ab.w"] - trained["g_ab.w"]).abs().mean()

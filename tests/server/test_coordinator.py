@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Message
 from safetensors.numpy import load_file
 
-from common.federation import ARRAYS, METRICS
+from common.federation import ARRAYS, METRICS, from_record
 from common.synthesis import Synthesizer
 from server.checkpoint import BEST_NAME, best_checkpoint, best_round, latest_round, round_dir
 from server.coordinator import Coordinator, CoordinatorStoppedError
@@ -329,7 +329,7 @@ def test_best_round_and_moving_average_are_kept_and_survive_a_resume(
     assert any(not np.allclose(ema[3][k], plain[3][k]) for k in plain[3])
     # Sites train from the plain aggregate, never from the average.
     sent = next(m for m in grid.sent if m.metadata.group_id == "train-3")
-    received = sent.content.array_records[ARRAYS]
+    received = from_record(sent.content.array_records[ARRAYS], "float32")
     some = [k for k in plain[2] if not np.allclose(plain[2][k], ema[2][k])][:3]
     assert some
     for key in some:

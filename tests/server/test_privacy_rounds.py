@@ -19,7 +19,7 @@ from client.local import train_local
 from client.privacy import NoisePlan, SiteAccountant
 from common.accounting import RDP_ORDERS
 from common.config import RunConfig
-from common.federation import ARRAYS, METRICS
+from common.federation import ARRAYS, METRICS, from_record
 from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
 from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
@@ -277,12 +277,14 @@ def test_site_level_dp_clips_at_the_site_and_noises_the_unweighted_mean(
     # spread is sigma * clip / 3 (independent check on ~all coordinates).
     first = load_file(str(round_dir(tmp_path / "run", 1) / "generators.safetensors"))
     second = load_file(str(round_dir(tmp_path / "run", 2) / "generators.safetensors"))
-    round2 = sent[3:]
+    # The replies are packed numbers in the order of the coordinator's round-2 message.
+    message = next(m for m in grid.sent if m.metadata.group_id == "train-2")
+    sent_state = from_record(message.content.array_records[ARRAYS], "float32")
+    round2 = [from_record(r.content.array_records[ARRAYS], "float32", sent_state) for r in sent[3:]]
     residuals = []
-    wire = round2[0].content.array_records[ARRAYS]
+    assert set(sent_state) == set(first)  # both generators, the same flat names as on disk
     for key in first:
-        assert key in wire, key  # both generators, the same flat names on the wire and on disk
-        mean = sum(r.content.array_records[ARRAYS][key].numpy().astype(np.float64) for r in round2)
+        mean = sum(r[key].numpy().astype(np.float64) for r in round2)
         residuals.append((second[key].astype(np.float64) - first[key] - mean / 3).ravel())
     noise = np.concatenate(residuals)
     assert noise.size > 1000
