@@ -15,7 +15,9 @@ the last round, and how far the final weights are from the float32 run's.
 ``overhead`` runs a real loopback deployment (``fedsynth server`` with TLS and node auth, three
 ``fedsynth client`` daemons) and prints, per round, the round's wall time, the slowest site's own
 training time and the difference: the coordinator's overhead (message transport, Flower's
-per-message ClientApp process start, update checks, aggregation, checkpointing).
+per-message ClientApp process start, update checks, aggregation, checkpointing). It also prints
+the CPU time the SuperLink used per round (read from /proc while the run goes): the hub every
+message and poll passes through, on the same cores as the sites' training here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +116,33 @@ def wire(out: Path, rounds: int) -> None:
         )
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _superlink_cpu_per_round(run: Path, stop: threading.Event, into: list[float]) -> None:
+    """Append the SuperLink's cumulative CPU-s each time rounds.jsonl gains a line."""
+    seen, last = 0, 0.0
+    while not stop.is_set():
+        try:
+            pid = int((run / "superlink.pid").read_text())
+            rows = len((run / "rounds.jsonl").read_text().splitlines())
+        except (OSError, ValueError):
+            rows, pid = seen, 0
+        cpu = _cpu_seconds(pid) if pid else None
+        if cpu is not None:
+            last = cpu
+        while rows > seen:
+            into.append(last)
+            seen += 1
+        stop.wait(0.5)
+
+
 def overhead(out: Path, rounds: int, *, warm_worker: bool = True) -> None:
     sites = _consortium(out / "data")[:3]
     shutil.rmtree(out / "run", ignore_errors=True)
@@ -138,6 +168,14 @@ def overhead(out: Path, rounds: int, *, warm_worker: bool = True) -> None:
         procs.append(proc)
         return proc
 
+    superlink_cpu: list[float] = []
+    stop_sampling = threading.Event()
+    sampler = threading.Thread(
+        target=_superlink_cpu_per_round,
+        args=(out / "run", stop_sampling, superlink_cpu),
+        daemon=True,
+    )
+    sampler.start()
     try:
         server = start(
             ["server", "--run-dir", str(out / "run"), "--certs", str(out / "certs"),
@@ -157,16 +195,21 @@ def overhead(out: Path, rounds: int, *, warm_worker: bool = True) -> None:
         if server.wait(3600) != 0:
             raise SystemExit((out / "server.log").read_text()[-3000:])
     finally:
+        stop_sampling.set()
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
     lines = (out / "run" / "rounds.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    print("round  wall s  slowest site s  overhead s  up B/site")
-    for r in rows:
+    # CPU-s the SuperLink spent in each round (its first: since it started); the sampler may
+    # have missed the last round's line if the SuperLink stopped right after it.
+    spent = [b - a for a, b in zip([0.0, *superlink_cpu], superlink_cpu, strict=False)]
+    spent += [float("nan")] * (len(rows) - len(spent))
+    print("round  wall s  slowest site s  overhead s  SuperLink CPU-s  up B/site")
+    for r, cpu in zip(rows, spent, strict=False):
         print(
             f"{r['round']:5} {r['seconds']:7.1f} {r['slowest_site_seconds']:15.1f} "
-            f"{r['overhead_seconds']:11.1f}  {sorted(set(r['bytes_up'].values()))}"
+            f"{r['overhead_seconds']:11.1f} {cpu:16.1f}  {sorted(set(r['bytes_up'].values()))}"
         )
     later = [r["overhead_seconds"] for r in rows[1:]] or [rows[0]["overhead_seconds"]]
     walls = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]

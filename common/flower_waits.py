@@ -13,10 +13,12 @@ round's transport time was not spent moving bytes but waiting:
   0.5 s between checks for the ClientApp's reply.
 
 :func:`quick_object_pulls` makes the object retries start at 50 ms and stay under 0.5 s;
-:func:`quick_supernode_waits` caps the SuperNode's sleeps at 0.5 s. Neither changes what is
+:func:`quick_supernode_waits` caps the SuperNode's sleeps at 1 s. Neither changes what is
 sent, how often a message is retried in all, or any timeout: a receiver only looks again
 sooner. The cost is a few more small requests while a transfer is in flight, and, for an idle
-SuperNode, two pulls a second instead of one every 3 s.
+SuperNode, a pull a second instead of one every 3 s; each costs the SuperLink a few SQLite
+queries and a signature check, which is why the cap is not lower (0.5 s, tried, saved nothing
+measurable and cost the SuperLink more CPU: BENCHMARKS.md).
 
 Flower internals used, pinned with ``flwr==1.42.*`` (tests/common/test_flower_waits.py checks
 they are still there): the keyword defaults of ``pull_objects`` and
@@ -34,9 +36,9 @@ from typing import Any
 # own: 1 s and 10 s).
 OBJECT_RETRY_S = 0.05
 OBJECT_RETRY_CAP_S = 0.5
-# The longest a SuperNode sleeps between looking for work (Flower's own: 3 s idle, 0.5 s for a
-# reply).
-SUPERNODE_WAIT_CAP_S = 0.5
+# The longest a SuperNode sleeps between looking for work (Flower's own: 3 s when idle; 0.5 s
+# between checks for the ClientApp's reply, which stays as it is).
+SUPERNODE_WAIT_CAP_S = 1.0
 
 
 def quick_object_pulls(first: float = OBJECT_RETRY_S, cap: float = OBJECT_RETRY_CAP_S) -> None:

@@ -87,7 +87,7 @@ logger = logging.getLogger("fedsynth.server")
 
 RUN_FILE = "run.json"
 SERVER_STATE = "server_state.pt"
-POLL_S = 0.2  # seconds between pulls for replies (a local request to the SuperLink)
+POLL_S = 0.5  # seconds between pulls for replies (each costs the SuperLink a few SQL queries)
 REPORT_EVERY_S = 30.0
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
+from common import PRIVATE_ENV
 from common.accounting import RDP_ORDERS
 from common.flower import flwr, free_port, register_node, write_connection
 from server.certs import CertificateSet, make_certificates, make_node_key
@@ -86,6 +88,7 @@ def _config_file(path: Path, *extra: str) -> Path:
 # of its own. With torch's default (a thread per core in every process) their threads spin
 # against each other: on 2 cores, a hospital's 6 DP steps took 28.9 s beside the others and
 # 3.9 s with one thread each, and the deployment tests went from 254 s to 180 s.
+PROJECT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -280,6 +283,59 @@ class Deployment:
     certs_after: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+def test_the_stock_flwr_run_simulates_the_project(tmp_path: Path) -> None:
+    """README's `flwr run .` from the project root: Flower starts its own local SuperLink in
+    simulation (on the ports named in the environment), the sites come from `site-dirs`, and
+    `flwr ls` sees the run finished. The SuperLink Flower left running is stopped here."""
+    sites = phantom_sites(tmp_path / "data", (2, 1, 1))
+    config = _config_file(
+        tmp_path / "consortium.toml", "federation.rounds=1", "federation.min_sites=3"
+    )
+    run = tmp_path / "run"
+    control = free_port()
+    env = dict(
+        os.environ,
+        **PRIVATE_ENV,
+        **ONE_THREAD,
+        FLWR_HOME=str(tmp_path / "flwr"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
+    site_dirs = ",".join(str(s) for s in sites)
+    run_config = f'config-path="{config}" run-dir="{run}" site-dirs="{site_dirs}"'
+    command = ["flwr", "run", ".", "--stream", "--federation-config", "num-supernodes=3",
+               "--run-config", run_config]  # fmt: skip
+    marker = f"--control-api-address 127.0.0.1:{control}"
+    try:
+        done = subprocess.run(
+            command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        superlinks = _processes_mentioning(marker)
+        assert superlinks, "Flower's local SuperLink is not running"
+        _assert_private(superlinks)
+        listed = subprocess.run(
+            ["flwr", "ls", "--format", "json"], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        runs = json.loads(listed.stdout)["runs"]
+        assert [r["status"] for r in runs] == ["finished:completed"], listed.stdout
+    finally:
+        for pid in _processes_mentioning(marker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)  # Flower starts it in a session of its own
+    rounds = _rounds(run)
+    assert [r["round"] for r in rounds] == [1]
+    assert rounds[0]["accepted"] == ["site-1", "site-2", "site-3"]  # num-supernodes reached it
+    assert read_status(run).state == "finished"
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(marker)
+
+
 def _option(argv: list[str], option: str) -> str:
     return argv[argv.index(option) + 1]
 
@@ -450,12 +506,16 @@ def test_audit_sites_send_only_generator_tensors_and_whitelisted_scalars(
             kinds = {name: record["kind"] for name, record in records.items()}
             if entry["type"] == "train":
                 assert kinds == {"arrays": "arrays", "metrics": "metrics"}
-                arrays = records["arrays"]["entries"]
-                assert {k: v["shape"] for k, v in arrays.items()} == expected_shapes
-                assert all(k.startswith(("g_ab.", "g_ba.")) for k in arrays)
-                assert all(v["dtype"] == "float32" for v in arrays.values())
-                # No image-shaped array: nothing ends in the slice size (32 x 32).
-                assert all(v["shape"][-2:] != [32, 32] for v in arrays.values())
+                # Numbers only, packed (common.wire): one float32 vector of every generator
+                # parameter, no names, nothing image-shaped.
+                sent = records["arrays"]["entries"]
+                values = sum(int(np.prod(shape)) for shape in expected_shapes.values())
+                assert sent == {"values": {"dtype": "float32", "shape": [values]}}
+                # Which parameters the numbers are, from the coordinator's layout.
+                packed = records["arrays"]["packed"]
+                assert {k: v["shape"] for k, v in packed.items()} == expected_shapes
+                assert all(k.startswith(("g_ab.", "g_ba.")) for k in packed)
+                assert all(v["dtype"] == "float32" for v in packed.values())
                 allowed = ALLOWED_TRAIN_METRICS
             else:
                 assert kinds == {"metrics": "metrics"}
