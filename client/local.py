@@ -52,7 +52,7 @@ from common.config import RunConfig, write_resolved_config
 from common.data.datasets import PairedSlices, TrainingSlices, training_set
 from common.data.site import SiteData, Volume, load_site
 from common.data.validation import hold_out, validation_pairs
-from common.evaluation import EvaluationReport, evaluate_pairs, site_pairs
+from common.evaluation import EvaluationReport, evaluate_pairs, pairs_by_subject
 from common.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,8 @@ def train_local(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
     cache_dir = config.data.cache_dir or run_dir / "cache"
-    sites = training_sites(load_sites(site_dirs, config, cache_dir), config)
+    loaded = load_sites(site_dirs, config, cache_dir)  # read once, for training and evaluation
+    sites = training_sites(loaded, config)
     validation = _validation_sets(sites)
     domain_b = [v for s in sites for v in s.domain_b]
     misalignment: str | list[str] = config.data.misalignment
@@ -348,14 +349,14 @@ def train_local(
     evaluations: list[EvaluationReport] = []
     if evaluate:
         translate = slices_translator(trainer, config)
-        for site_dir in site_dirs:
+        for site_dir, site in zip(site_dirs, loaded, strict=True):
             try:
-                name, pairs = site_pairs(Path(site_dir), config.data, cache_dir)
+                pairs = pairs_by_subject(site, Path(site_dir), config.data)
             except ValueError as exc:
                 logger.info("no paired evaluation: %s", exc)
                 continue
-            report = evaluate_pairs(name, config.data.direction, pairs, translate)
-            report.write(run_dir / f"evaluation-{name}.json")
+            report = evaluate_pairs(site.name, config.data.direction, pairs, translate)
+            report.write(run_dir / f"evaluation-{site.name}.json")
             evaluations.append(report)
         if evaluations:
             metadata.metrics.update(

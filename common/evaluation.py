@@ -36,7 +36,7 @@ from common.data.datasets import PairedSlices
 from common.data.discovery import find_lesion_mask
 from common.data.errors import ScanError
 from common.data.preprocess import preprocess_label
-from common.data.site import load_site
+from common.data.site import SiteData, load_site
 from common.io import atomic_write_text
 from common.metrics import image_metrics, mae, mean_metrics, nmse, psnr, to_unit
 
@@ -191,8 +191,18 @@ def site_pairs(
     The target of a session is on its source's grid and inside its source's mask (see
     :mod:`common.data.pairing`), so every model and baseline is scored on one region.
     """
-    config = data_config
-    site = load_site(site_dir, config, cache_dir=cache_dir)
+    site = load_site(site_dir, data_config, cache_dir=cache_dir)
+    return site.name, pairs_by_subject(site, site_dir, data_config)
+
+
+def pairs_by_subject(
+    site: SiteData, site_dir: Path, data_config: DataConfig
+) -> list[tuple[str, PairedSlices]]:
+    """A loaded site's paired slices per subject (session), with lesion masks where found.
+
+    Raises:
+        ValueError: the site has no subject with both contrasts.
+    """
     if not site.paired:
         raise ValueError(
             f"site {site_dir} has no subject with both {site.direction.source.value} and "
@@ -205,8 +215,8 @@ def site_pairs(
         lesion = None
         if mask_path is not None:
             try:
-                lesion = preprocess_label(mask_path, config)
+                lesion = preprocess_label(mask_path, data_config)
             except ScanError as exc:
                 logger.warning("ignoring lesion mask: %s", exc)
         grouped.append((label, PairedSlices([(a, b)], lesions=[lesion])))
-    return site.name, grouped
+    return grouped

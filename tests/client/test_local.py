@@ -92,3 +92,22 @@ def test_a_resumed_run_keeps_the_best_epoch_so_far(two_sites: list[Path], tmp_pa
     assert all(torch.equal(after["g_ab"][k], v) for k, v in before["g_ab"].items())
     _, last = load_checkpoint(folder / "checkpoint")
     assert any(not torch.equal(last["g_ab"][k], v) for k, v in before["g_ab"].items())
+
+
+def test_a_skipped_file_is_named_once_though_the_site_is_trained_and_evaluated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train-local reads its sites once: the evaluation uses the sites as loaded for training,
+    so a damaged scan skipped with data.skip_bad is logged once, not once per pass."""
+    from tests.intake import write_bad_site
+
+    bad = write_bad_site(tmp_path / "site", kinds=["truncated"], good_shape=(40, 48, 40))
+    config = tiny_config(
+        *SETTINGS, "training.epochs=1", f"output_dir={tmp_path}", "name=local", "data.skip_bad=true"
+    )
+    with caplog.at_level("WARNING", logger="common.data.site"):
+        run = train_local([tmp_path / "site"], config, evaluate=True)
+    assert len(run.evaluations) == 1 and run.evaluations[0].site == "site"
+    (path,) = bad
+    said = [r.getMessage() for r in caplog.records if path.name in r.getMessage()]
+    assert len(said) == 1, said
