@@ -53,16 +53,18 @@ def test_round_is_the_example_weighted_mean_of_the_site_updates(
     assert weights[1] > weights[2] >= weights[3] > 0
     total = sum(weights.values())
     saved = load_file(str(round_dir(tmp_path / "run", 1) / "generators.safetensors"))
-    sent = grid.sent[0].content.array_records[ARRAYS]  # the global model of round 1
-    some_keys = [k for k in trained[0][1].content.array_records[ARRAYS] if k.startswith("g_ab.")]
+    # The global model of round 1, and each site's update unpacked in its layout's order.
+    sent = from_record(grid.sent[0].content.array_records[ARRAYS], "float32")
+    updates = {n: from_record(r.content.array_records[ARRAYS], "float32", sent) for n, r in trained}
+    some_keys = [k for k in sent if k.startswith("g_ab.")]
+    assert len(some_keys) >= 5
     for key in some_keys[:5]:
         # Sites send updates (trained - received); the new global is old + weighted mean update.
         expected = sent[key].numpy().astype(np.float64) + sum(
-            weights[n] / total * r.content.array_records[ARRAYS][key].numpy().astype(np.float64)
-            for n, r in trained
+            weights[n] / total * update[key].numpy().astype(np.float64)
+            for n, update in updates.items()
         )
-        stored = saved[key] if key in saved else saved[key.removeprefix("g_ab.")]
-        np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(saved[key], expected, rtol=1e-5, atol=1e-6)
     record = json.loads((round_dir(tmp_path / "run", 1) / "round.json").read_text())
     assert set(record["per_site"]) == {"site-1", "site-2", "site-3"}
     assert record["bytes_per_site"]["site-1"] == sum(
