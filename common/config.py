@@ -56,6 +56,14 @@ def _check_device(value: str) -> str:
 
 DeviceStr = Annotated[str, AfterValidator(_check_device)]
 
+
+def _absolute(path: Path) -> Path:
+    """Relative to where the configuration is loaded: the ServerApp may run in another folder."""
+    return path.expanduser().absolute()
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+
 Misalignment = Literal["none", "slight", "moderate", "severe"]
 
 
@@ -335,6 +343,12 @@ class FederationConfig(_Section):
     server_tau: float = Field(1e-3, gt=0.0, description="FedAdam/FedYogi adaptivity.")
     validation_site: Path | None = Field(
         None, description="A site folder no hospital trains on: central paired evaluation."
+    )
+    initial_generators: AbsolutePath | None = Field(
+        None,
+        description="A fedsynth checkpoint whose generators round 1 starts from instead of "
+        "random weights (train-local's on public data such as the phantom, or an earlier run's "
+        "round); its model settings and image size must be the run's.",
     )
     evaluate_sites: bool = Field(
         True,

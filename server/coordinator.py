@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -44,7 +45,13 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from common.checkpoint import CheckpointMetadata, load_checkpoint
+from common.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointMetadata,
+    load_checkpoint,
+    load_into,
+)
 from common.config import RunConfig, dumps_config, write_resolved_config
 from common.evaluation import evaluate_pairs, site_pairs
 from common.federation import (
@@ -261,6 +268,8 @@ class Coordinator:
                 self.best = scan_best(self.run_dir)
                 if self.fed.ema_decay is not None:
                     self.ema = self._load_ema(last)
+            elif self.fed.initial_generators is not None:  # stopped before round 1 finished
+                self._start_from(Path(self.fed.initial_generators))
             logger.info("resuming %s after round %s", self.run_dir, last or 0)
             return run_key
         if latest_round(self.run_dir) is not None:
@@ -269,9 +278,60 @@ class Coordinator:
                 "or choose another run folder"
             )
         run_key = uuid.uuid4().hex[:16]
+        run_info: dict[str, Any] = {"run_key": run_key}
+        if self.fed.initial_generators is not None:
+            run_info["initial_generators"] = self._start_from(Path(self.fed.initial_generators))
         write_resolved_config(self.config, self.run_dir)
-        atomic_write_text(run_file, json.dumps({"run_key": run_key}, indent=2) + "\n")
+        atomic_write_text(run_file, json.dumps(run_info, indent=2) + "\n")
         return run_key
+
+    def _start_from(self, path: Path) -> dict[str, Any]:
+        """Load ``federation.initial_generators`` into the shared generators; what it was.
+
+        Raises:
+            CoordinatorStoppedError: not a checkpoint, or one of another model or direction.
+        """
+        try:
+            metadata, networks = load_checkpoint(path)
+            where = f"federation.initial_generators = {path}"
+            if metadata.direction != self.config.data.direction:
+                run_direction = self.config.data.direction
+                raise CheckpointError(
+                    f"{where}: translates {metadata.direction}, the run {run_direction}"
+                )
+            if metadata.model != self.config.model:
+                raise CheckpointError(f"{where}: its model settings differ from the run's")
+            if metadata.data.image_size != self.config.data.image_size:
+                raise CheckpointError(
+                    f"{where}: made for {metadata.data.image_size}-pixel slices, the run uses "
+                    f"{self.config.data.image_size}"
+                )
+            loaded = [name for name in self.shared if name in networks]
+            for name in loaded:
+                load_into(self.nets[name], networks[name], where=where)
+        except CheckpointError as exc:
+            raise CoordinatorStoppedError(str(exc)) from None
+        self.state = flatten(self.nets, self.shared)
+        fresh = [name for name in self.shared if name not in networks]
+        logger.info(
+            "round 1 starts from %s (%s, %s%s)%s",
+            path,
+            metadata.kind,
+            f"epoch {metadata.epoch}" if metadata.epoch is not None else f"round {metadata.round}",
+            f", sites {', '.join(metadata.sites)}" if metadata.sites else "",
+            f"; {', '.join(fresh)} start from random weights" if fresh else "",
+        )
+        return {
+            "path": str(path.resolve()),
+            "kind": metadata.kind,
+            "epoch": metadata.epoch,
+            "round": metadata.round,
+            "sites": metadata.sites,
+            "networks": loaded,
+            "sha256": hashlib.sha256(
+                (path if path.is_dir() else path.parent).joinpath(WEIGHTS_NAME).read_bytes()
+            ).hexdigest(),
+        }
 
     def _load_ema(self, round_number: int) -> dict[str, torch.Tensor] | None:
         folder = ema_dir(self.run_dir, round_number)

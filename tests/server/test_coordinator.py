@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -361,3 +362,51 @@ def test_best_round_and_moving_average_are_kept_and_survive_a_resume(
     resumed_ema = _weights(round_dir(broken, 3) / "ema")
     for key in resumed_ema:
         np.testing.assert_allclose(resumed_ema[key], ema[3][key], rtol=1e-6, atol=1e-7)
+
+
+def test_round_one_starts_from_the_given_generators_and_the_run_says_which(
+    sites: list[Path], tmp_path: Path
+) -> None:
+    """``federation.initial_generators``: a train-local checkpoint (here of one phantom site; in
+    practice public data) is what the sites receive in round 1, and run.json names it with its
+    hash. A checkpoint of another model is refused before any round, naming the setting."""
+    from client.local import train_local
+
+    local = train_local(
+        [sites[2]],
+        tiny_config("training.epochs=2", "training.decay_epochs=0", f"output_dir={tmp_path}",
+                    "name=warm"),
+        evaluate=False,
+    )  # fmt: skip
+    config = tiny_config(
+        "federation.rounds=1",
+        "federation.min_sites=3",
+        "federation.evaluate_sites=false",
+        f"federation.initial_generators={local.checkpoint}",
+    )
+    grid = InProcessGrid(_nodes(sites, tmp_path), names=_names(sites))
+    Coordinator(grid, config, tmp_path / "run").run()
+    sent = from_record(grid.sent[0].content.array_records[ARRAYS], "float32")
+    warm = load_file(str(local.checkpoint / "generators.safetensors"))
+    assert set(sent) == set(warm)
+    for key, value in warm.items():
+        np.testing.assert_array_equal(sent[key].numpy(), value)
+    untrained = Coordinator(
+        InProcessGrid({}), tiny_config("federation.rounds=1"), tmp_path / "fresh"
+    ).state
+    assert any(not np.array_equal(untrained[k].numpy(), warm[k]) for k in warm)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())["initial_generators"]
+    digest = hashlib.sha256((local.checkpoint / "generators.safetensors").read_bytes())
+    assert run["sha256"] == digest.hexdigest()
+    assert run["kind"] == "local" and run["epoch"] == 2 and run["sites"] == [sites[2].name]
+    assert run["networks"] == ["g_ab", "g_ba"]
+
+    other = tiny_config("model.ngf=4", f"federation.initial_generators={local.checkpoint}")
+    with pytest.raises(CoordinatorStoppedError, match=r"initial_generators.*model settings differ"):
+        Coordinator(InProcessGrid({}), other, tmp_path / "other")
+    with pytest.raises(CoordinatorStoppedError, match="not a fedsynth checkpoint"):
+        Coordinator(
+            InProcessGrid({}),
+            tiny_config(f"federation.initial_generators={tmp_path}"),
+            tmp_path / "missing",
+        )
