@@ -17,6 +17,7 @@ Network parameters are flattened to ``"<net>.<param>"`` keys (``g_ab.model.1.wei
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -207,8 +208,15 @@ def from_record(
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the weights in a record (the layout, a few KB of names, not counted)."""
-    return int(sum(record[key].numpy().nbytes for key in record if key != LAYOUT))
+    """Payload bytes of the weights in a record (the layout, a few KB of names, not counted),
+    from the arrays' dtype and shape: the data is not read (call after :func:`audit_reply`)."""
+    return int(
+        sum(
+            math.prod(record[key].shape) * np.dtype(record[key].dtype).itemsize
+            for key in record
+            if key != LAYOUT
+        )
+    )
 
 
 def metrics_record(values: Mapping[str, float | int]) -> MetricRecord:
@@ -274,8 +282,9 @@ def audit_reply(
             for key in record:
                 if len(record[key].shape) > 1:
                     problems.append(f"array {key!r} has {len(record[key].shape)} dimensions")
-            if expected is not None:
-                arrays = {key: record[key].numpy() for key in record if key != LAYOUT}
+            if expected is not None:  # from the arrays' metadata; unpacking checks the data
+                arrays = {k: (str(record[k].dtype), tuple(record[k].shape)) for k in record}
+                arrays.pop(LAYOUT, None)
                 problems += packed_problems(arrays, wire_dtype, layout_of(expected))
     if content.config_records:
         problems.append("carries a config record: a site never sends text")

@@ -185,33 +185,39 @@ def read_layout(arrays: Mapping[str, np.ndarray]) -> list[Slot]:
 
 
 def packed_problems(
-    arrays: Mapping[str, np.ndarray], dtype: str, layout: Sequence[Slot]
+    arrays: Mapping[str, tuple[str, Sequence[int]]], dtype: str, layout: Sequence[Slot]
 ) -> list[str]:
-    """Every way ``arrays`` is not a state packed in ``dtype`` with ``layout`` (empty if it is)."""
+    """Every way ``arrays`` (name -> (dtype name, shape), e.g. a Flower record's metadata, read
+    without its data) is not a state packed in ``dtype`` with ``layout``; empty if it is."""
     wire = _check(dtype)
     problems: list[str] = []
     unexpected = set(arrays) - {VALUES, INTEGERS, LAYOUT}
     if unexpected:
         problems.append(f"arrays under unexpected keys: {', '.join(sorted(unexpected))}")
     counts = {
-        VALUES: (sum(s.size for s in layout if s.floating), _WIRE_NUMPY[wire]),
-        INTEGERS: (sum(s.size for s in layout if not s.floating), np.dtype(np.int64)),
+        VALUES: (sum(s.size for s in layout if s.floating), _WIRE_NUMPY[wire].name),
+        INTEGERS: (sum(s.size for s in layout if not s.floating), "int64"),
     }
     for name, (count, kind) in counts.items():
         if name not in arrays:
             if name == VALUES or count:
                 problems.append(f"no {name!r} array")
             continue
-        array = np.asarray(arrays[name])
-        if array.dtype != kind or array.ndim != 1:
+        found, shape = arrays[name]
+        if found != kind or len(shape) != 1:
             problems.append(
-                f"{name!r} is {array.dtype} with {array.ndim} dimension(s), expected 1-D {kind}"
+                f"{name!r} is {found} with {len(shape)} dimension(s), expected 1-D {kind}"
             )
-        elif array.size != count:
+        elif shape[0] != count:
             problems.append(
-                f"{name!r} has {array.size} numbers, the shapes of the shared parameters {count}"
+                f"{name!r} has {shape[0]} numbers, the shapes of the shared parameters {count}"
             )
     return problems
+
+
+def outline(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``name -> (dtype name, shape)``, what :func:`packed_problems` checks."""
+    return {name: (np.asarray(a).dtype.name, np.shape(a)) for name, a in arrays.items()}
 
 
 def unpack(
@@ -222,7 +228,7 @@ def unpack(
     Raises:
         ValueError: ``arrays`` does not fit ``layout`` (:func:`packed_problems`).
     """
-    problems = packed_problems(arrays, dtype, layout)
+    problems = packed_problems(outline(arrays), dtype, layout)
     if problems:
         raise ValueError("; ".join(problems))
     pieces: dict[str, np.ndarray] = {}

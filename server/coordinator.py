@@ -566,7 +566,11 @@ class Coordinator:
                 continue
             record = reply.content.array_records[ARRAYS]
             bytes_up[site] = record_bytes(record)
-            update = from_record(record, self.fed.wire_dtype, self.state)
+            try:  # the data itself, read once: it may not be what the record's metadata says
+                update = from_record(record, self.fed.wire_dtype, self.state)
+            except ValueError as exc:
+                rejected[site] = [f"arrays cannot be unpacked: {exc}"]
+                continue
             state = apply_update(self.state, update)
             check = check_update(state, self.state, max_update_norm=self.fed.max_update_norm)
             examples = int(metrics.get("num-examples", 0))

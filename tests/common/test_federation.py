@@ -124,3 +124,18 @@ def test_updates_survive_half_precision_where_weights_would_not() -> None:
         error_weights = (via_weights["g_ab.w"] - trained["g_ab.w"]).abs().mean()
         assert float(error_update) < 1e-6  # under 1 % of the step
         assert float(error_weights) > 5e-5  # rounding the weight swamps the step
+
+
+def test_a_reply_whose_data_is_not_what_its_metadata_says_fails_to_unpack() -> None:
+    """The audit reads the arrays' dtype and shape only (no copy of 12 MB per check); the data
+    is read once, when unpacking, which refuses numbers that do not match their metadata."""
+    reply = _reply()
+    honest = reply.array_records[ARRAYS]["values"]
+    short = np.zeros(3, dtype=np.float32)
+    reply.array_records[ARRAYS]["values"] = Array(
+        dtype=honest.dtype, shape=honest.shape, stype=honest.stype, data=Array(short).data
+    )
+    assert audit_reply(reply, kind="train", expected=EXPECTED) == []
+    assert record_bytes(reply.array_records[ARRAYS]) == 80 * 4 + 1 * 8  # values + integers
+    with pytest.raises(ValueError):
+        from_record(reply.array_records[ARRAYS], "float32", EXPECTED)
