@@ -671,6 +671,20 @@ def _serve(cluster: Cluster, config: Path, run: Path) -> None:
     _wait_for(lambda: _live_state(run) == "waiting", 120, "the coordinator", cluster)
 
 
+def _serve_one_site(cluster: Cluster, tmp_path: Path, rounds: int) -> tuple[CertificateSet, Path]:
+    """`fedsynth server` for a consortium of one site (`site-1`), no site evaluation."""
+    certs = make_certificates(tmp_path / "certs", ["site-1"])
+    config = _config_file(
+        tmp_path / "consortium.toml",
+        f"federation.rounds={rounds}",
+        "federation.min_sites=1",
+        "federation.evaluate_sites=false",
+    )
+    run = tmp_path / "run"
+    _serve(cluster, config, run)
+    return certs, run
+
+
 def _daemon(
     cluster: Cluster,
     name: str,
@@ -780,15 +794,7 @@ def test_a_run_stopped_by_min_sites_is_recorded_as_failed_at_once(
     the coordinator stops the run, and Flower records it as failed within seconds, not when the
     ServerApp's heartbeat expires (as when it ended with SystemExit)."""
     write_bad_site(tmp_path / "data" / "site-1", kinds=["units50mm"])
-    certs = make_certificates(tmp_path / "certs", ["site-1"])
-    config = _config_file(
-        tmp_path / "consortium.toml",
-        "federation.rounds=2",
-        "federation.min_sites=1",
-        "federation.evaluate_sites=false",
-    )
-    run = tmp_path / "run"
-    _serve(cluster, config, run)
+    certs, run = _serve_one_site(cluster, tmp_path, rounds=2)
     _daemon(cluster, "site-1", tmp_path / "data" / "site-1", certs)
     assert cluster.procs["server"].wait(400) == 1, cluster.log("server")[-3000:]
     ended = time.time()
@@ -808,15 +814,7 @@ def test_flwr_stop_is_recorded_as_a_stop_not_an_interruption(
     """An operator ends the run with the stock `flwr stop`: `fedsynth server` exits 0, and
     status says the run was stopped on purpose and how to continue, not "interrupted"."""
     sites = phantom_sites(tmp_path / "data", (2,))
-    certs = make_certificates(tmp_path / "certs", ["site-1"])
-    config = _config_file(
-        tmp_path / "consortium.toml",
-        "federation.rounds=3",
-        "federation.min_sites=1",
-        "federation.evaluate_sites=false",
-    )
-    run = tmp_path / "run"
-    _serve(cluster, config, run)
+    certs, run = _serve_one_site(cluster, tmp_path, rounds=3)
     _daemon(cluster, "site-1", sites[0], certs)
     _wait_for(lambda: len(_rounds(run)) >= 1, 300, "round 1", cluster)
     found = re.search(r"run (\d+) submitted", cluster.log("server"))
