@@ -319,7 +319,7 @@ def check_header(
     sizes = voxel_sizes(affine)
     low, high = limits.voxel_mm
     if sizes.min() < low or sizes.max() > high:
-        units = header.get_xyzt_units()[0]
+        units = _spatial_unit(header)
         said = f"; the header's unit is {units}" if units not in ("mm", "unknown") else ""
         raise ScanError(
             path,
@@ -330,6 +330,16 @@ def check_header(
     if spacing_mm is not None:
         check_resampled_grid(path, shape, affine, spacing_mm, limits)
     return HeaderFacts(header, image_class, shape, affine, content)
+
+
+def _spatial_unit(header: Any) -> str:
+    """The header's spatial unit (``mm``, ``micron``, ...), or what its code is when nibabel
+    knows no such code (``get_xyzt_units`` raises KeyError on a damaged field)."""
+    try:
+        return str(header.get_xyzt_units()[0])
+    except (KeyError, AttributeError):
+        code = int(np.asarray(header["xyzt_units"]).item()) % 8
+        return f"the invalid code {code}"
 
 
 def check_resampled_grid(

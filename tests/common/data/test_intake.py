@@ -678,3 +678,15 @@ def test_a_nifti2_scan_reads_as_nibabel_reads_it(tmp_path: Path, suffix: str) ->
     np.testing.assert_array_equal(loaded.data, _nibabel(path))
     assert isinstance(loaded.header, nib.Nifti2Header)
     assert len(preprocess_scan(path, Modality.T1W, SMALL)) > 0
+
+
+def test_a_damaged_unit_code_does_not_hide_the_voxel_size_verdict(tmp_path: Path) -> None:
+    """Found by the header fuzzer: a 50 mm voxel with xyzt_units = 4 (no such unit) made
+    nibabel's get_xyzt_units raise KeyError while the verdict was being worded."""
+    path = tmp_path / "units.nii"
+    save_nifti(path, head_volume(), np.diag([50.0, 50.0, 50.0, 1.0]))
+    raw = bytearray(path.read_bytes())
+    raw[123] = 4  # xyzt_units (NIfTI-1 header offset 123)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ScanError, match=r"outside 0\.1-20 mm .*the invalid code 4"):
+        read_scan(path)
