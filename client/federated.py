@@ -38,7 +38,9 @@ from client.privacy import (
     clip_update,
     patient_epsilon,
     plan_noise,
-    poisson_loader,
+    population_unit,
+    private_loader,
+    private_population,
 )
 from client.trainer import CycleGANTrainer
 from common.config import RunConfig
@@ -314,10 +316,10 @@ def train_round(
     """Train this site for one round; return the shared networks' update (flat) and metrics."""
     start = time.perf_counter()
     config = instruction.config()
-    if settings.max_epsilon is not None and not config.privacy.example_level:
+    if settings.max_epsilon is not None and not config.privacy.dp_sgd:
         raise BudgetSpentError(
-            f"this hospital trains only under example-level differential privacy (its cap is "
-            f"epsilon {settings.max_epsilon:g}); the coordinator's configuration has "
+            f"this hospital trains only under DP-SGD at the site (its cap is epsilon "
+            f"{settings.max_epsilon:g}); the coordinator's configuration has "
             + ("privacy off" if not config.privacy.enabled else "privacy.level = 'site'")
         )
     if settings.threads is not None:
@@ -349,23 +351,37 @@ def train_round(
         else torch.load(io.BytesIO(blob), map_location=trainer.device, weights_only=True)
     )
     plan = None
-    if config.privacy.example_level:
+    population = private_population(dataset, config.privacy)
+    if config.privacy.dp_sgd:
         # The noise is fixed before round 1 and kept: recalibrating later would change the plan
         # the budget was set for.
+        unit = population_unit(config.privacy)
+        if len(population) == 0:
+            raise SiteError(
+                "patient-level differential privacy trains on patients with both modalities "
+                "and this site has none in its training part"
+            )
         plan = CycleGANTrainer.saved_plan(state) or plan_noise(
             config.privacy,
-            examples=len(dataset),
-            batch_size=config.training.batch_size,
-            networks=len(trainer.nets),
+            examples=len(population),
+            batch_size=config.privacy.batch_size or config.training.batch_size,
+            networks=len(trainer.trained_names),
             steps_per_round=instruction.local_steps or None,
             epochs_per_round=instruction.local_epochs,
             rounds=config.federation.rounds,
+            unit=unit,
         )
-        if plan.examples != len(dataset):
+        if plan.unit != unit:
+            raise SiteError(
+                f"this site's saved privacy state samples {plan.unit}s and the run now asks "
+                f"for privacy.level = {config.privacy.level!r}: the unit cannot change in a run"
+            )
+        if plan.examples != len(population):
             logger.warning(
-                "the site now has %d training examples, its noise plan was made for %d: the "
+                "the site now has %d training %ss, its noise plan was made for %d: the "
                 "sample rate stays %.5f (the guarantee holds; batches are larger or smaller)",
-                len(dataset),
+                len(population),
+                unit,
                 plan.examples,
                 plan.sample_rate,
             )
@@ -393,10 +409,11 @@ def train_round(
         loader = (
             _loader(dataset, config, instruction.round, epoch)
             if plan is None
-            else poisson_loader(
-                dataset,
+            else private_loader(
+                population,
                 plan,
                 seed=_loader_seed(config, instruction.round, epoch),
+                epoch=trainer.epoch,
                 num_workers=config.training.num_workers,
             )
         )
@@ -444,19 +461,34 @@ def train_round(
         assert trainer.accountant is not None
         metrics["epsilon"] = trainer.epsilon()
         metrics["delta"] = config.privacy.delta
-        group = dataset.max_examples_per_subject()
-        logger.info(
-            "round %d: epsilon %.3f at delta %g after %d DP steps (sigma %.3f, q %.5f); a whole "
-            "patient (up to %d examples): epsilon %.1f (group privacy, stays at this site)",
-            instruction.round,
-            metrics["epsilon"],
-            config.privacy.delta,
-            trainer.accountant.steps,
-            plan.noise_multiplier,
-            plan.sample_rate,
-            group,
-            patient_epsilon(plan, trainer.accountant.steps, group, config.privacy.delta),
-        )
+        if plan.unit == "patient":
+            logger.info(
+                "round %d: patient-level epsilon %.3f at delta %g after %d DP steps over %d "
+                "patients (sigma %.3f per network x %d networks, q %.5f)",
+                instruction.round,
+                metrics["epsilon"],
+                config.privacy.delta,
+                trainer.accountant.steps,
+                plan.examples,
+                plan.noise_multiplier,
+                plan.networks,
+                plan.sample_rate,
+            )
+        else:
+            group = dataset.max_examples_per_subject()
+            logger.info(
+                "round %d: slice-level epsilon %.3f at delta %g after %d DP steps (sigma %.3f, "
+                "q %.5f); a whole patient (up to %d examples): epsilon %.1f (group privacy, "
+                "stays at this site)",
+                instruction.round,
+                metrics["epsilon"],
+                config.privacy.delta,
+                trainer.accountant.steps,
+                plan.noise_multiplier,
+                plan.sample_rate,
+                group,
+                patient_epsilon(plan, trainer.accountant.steps, group, config.privacy.delta),
+            )
     if settings.partition_id is not None:
         metrics["partition-id"] = float(settings.partition_id)
     logger.info(

@@ -13,19 +13,20 @@ by validation slices, as the coordinator weights its sites); the best epoch's ge
 kept in ``checkpoint-best/`` (same format as ``checkpoint/``, its metadata carrying the score)
 and described in ``best.json``. A resumed run keeps the best so far. Ties keep the earlier epoch.
 
-With ``privacy.level = "example"`` the run is DP-SGD (:mod:`client.privacy`) with the noise
-planned for ``training.epochs`` epochs; each epoch's line and the checkpoint carry the cumulative
-epsilon, and training stops early, with a warning, at the epoch that would pass
-``privacy.budget_epsilon``.
+With ``privacy.level = "patient"`` (or ``"example"``) the run is DP-SGD (:mod:`client.privacy`)
+with the noise planned for ``training.epochs`` epochs of ``1 / q`` Poisson batches; each epoch's
+line and the checkpoint carry the cumulative epsilon, and training stops early, with a warning,
+at the epoch that would pass ``privacy.budget_epsilon``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,9 @@ from client.privacy import (
     check_budget,
     patient_epsilon,
     plan_noise,
-    poisson_loader,
+    population_unit,
+    private_loader,
+    private_population,
 )
 from client.trainer import CycleGANTrainer
 from common.baselines import baseline_statistics
@@ -260,21 +263,23 @@ def train_local(
         else None
     )
     plan = None
-    if config.privacy.example_level:
+    population = private_population(dataset, config.privacy)
+    if config.privacy.dp_sgd:
         plan = CycleGANTrainer.saved_plan(state) or plan_noise(
             config.privacy,
-            examples=len(dataset),
-            batch_size=config.training.batch_size,
-            networks=len(trainer.nets),
+            examples=len(population),
+            batch_size=config.privacy.batch_size or config.training.batch_size,
+            networks=len(trainer.trained_names),
             steps_per_round=None,
             epochs_per_round=1,
             rounds=config.training.epochs,
+            unit=population_unit(config.privacy),
         )
         trainer.make_private(plan)
     elif config.privacy.site_level:
         raise ValueError(
             "privacy.level = 'site' protects a site's contribution to a federation; a local or "
-            "pooled run has none: use privacy.level = 'example'"
+            "pooled run has none: use privacy.level = 'patient'"
         )
     if state is not None:
         trainer.load_state_dict(state)
@@ -303,6 +308,7 @@ def train_local(
         )
     history: list[dict[str, float]] = []
     while trainer.epoch < config.training.epochs:
+        loader: Iterable[Any]
         if plan is None:
             loader = make_loader(dataset, config, trainer.epoch)
         else:
@@ -312,10 +318,11 @@ def train_local(
             except BudgetSpentError as exc:
                 logger.warning("stopping after epoch %d: %s", trainer.epoch, exc)
                 break
-            loader = poisson_loader(
-                dataset,
+            loader = private_loader(
+                population,
                 plan,
                 seed=config.training.seed * 100_003 + trainer.epoch,
+                epoch=trainer.epoch,
                 num_workers=config.training.num_workers,
             )
         history += trainer.fit(loader, 1, progress=progress)
@@ -397,10 +404,16 @@ def _privacy_record(
 ) -> dict[str, float | int | str]:
     """What a local DP run spent, for its checkpoint (a pooled run is one data holder)."""
     assert trainer.accountant is not None
-    group = dataset.max_examples_per_subject()
     steps = trainer.accountant.steps
+    if plan.unit == "patient":
+        # The accountant's epsilon is the patient's: no group bound to add.
+        group, whole_patient = 1, trainer.epsilon()
+    else:
+        group = dataset.max_examples_per_subject()
+        whole_patient = patient_epsilon(plan, steps, group, config.privacy.delta)
     return {
-        "level": "example",
+        "level": plan.unit,
+        "patients" if plan.unit == "patient" else "examples": plan.examples,
         "epsilon": trainer.epsilon(),
         "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
@@ -410,5 +423,5 @@ def _privacy_record(
         "steps": steps,
         "max_grad_norm": config.privacy.max_grad_norm,
         "examples_per_patient": group,
-        "patient_epsilon": patient_epsilon(plan, steps, group, config.privacy.delta),
+        "patient_epsilon": whole_patient,
     }

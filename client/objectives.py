@@ -58,6 +58,7 @@ __all__ = [
     "Objective",
     "generator_objective",
     "merge_metrics",
+    "one_way_objective",
     "paired_objective",
     "unpaired_objective",
 ]
@@ -167,7 +168,8 @@ class Objective:
 
     Args:
         loss: the scalar to back-propagate (without the FedProx term).
-        fake_a: ``G_BA(b)`` for every example, in the examples' order.
+        fake_a: ``G_BA(b)`` for every example, in the examples' order; ``None`` for a one-way
+            objective (G_BA does not run).
         fake_b: ``G_AB(a)`` likewise.
         metrics: the loss terms, each a mean over the examples that have it.
         used: the networks that ran a forward pass (``"r"`` only with a paired example).
@@ -175,7 +177,7 @@ class Objective:
     """
 
     loss: torch.Tensor
-    fake_a: torch.Tensor
+    fake_a: torch.Tensor | None
     fake_b: torch.Tensor
     metrics: dict[str, float]
     used: frozenset[str]
@@ -230,6 +232,40 @@ def unpaired_objective(nets: Nets, examples: Examples, config: TrainingConfig) -
     )
 
 
+def one_way_objective(
+    nets: Nets, examples: Examples, config: TrainingConfig, *, registration: bool
+) -> Objective:
+    """The A->B half of :func:`paired_objective`: G_AB, D_B and R only.
+
+    Off: ``adv_B + lambda_paired * |G_AB(a) - b|_wb``. On: ``adv_B + lambda_registration *
+    |R(G_AB(a), b) - b|_wb + lambda_smooth * smooth(flow)``. What patient-level DP-SGD trains
+    by default (``privacy.networks = "objective"``): the direction that is asked for, and two or
+    three private networks instead of four or five, so each carries less noise.
+    """
+    real_a, real_b = examples.a, examples.b
+    weight_b = pixel_weights(examples.b_mask, config.background_weight)
+    fake_b = nets["g_ab"](real_a)
+    loss_gan = generator_adversarial_loss(config.gan_loss, nets["d_b"](fake_b))
+    used = {"g_ab", "d_b"}
+    metrics = {"loss_gan": _value(loss_gan)}
+    if not registration:
+        loss_paired = paired_l1_loss(fake_b, real_b, weight_b)
+        loss = loss_gan + config.lambda_paired * loss_paired
+    else:
+        warped, flow = nets["r"](fake_b, real_b)
+        used.add("r")
+        loss_paired = registration_correction_loss(warped, real_b, weight_b)
+        loss_smooth = smoothness_loss(flow_to_pixels(flow))
+        loss = (
+            loss_gan + config.lambda_registration * loss_paired + config.lambda_smooth * loss_smooth
+        )
+        metrics["loss_registration"] = _value(loss_paired)
+        metrics["loss_smooth"] = _value(loss_smooth)
+    metrics["paired_l1"] = _value(loss_paired)
+    metrics["paired_fraction"] = 1.0
+    return Objective(loss, None, fake_b, metrics, frozenset(used), len(examples))
+
+
 def paired_objective(
     nets: Nets, examples: Examples, config: TrainingConfig, *, registration: bool
 ) -> Objective:
@@ -279,12 +315,25 @@ def paired_objective(
 
 
 def generator_objective(
-    nets: Nets, examples: Examples, config: TrainingConfig, *, registration: bool
+    nets: Nets,
+    examples: Examples,
+    config: TrainingConfig,
+    *,
+    registration: bool,
+    one_way: bool = False,
 ) -> Objective:
     """The objective of a batch of either kind or both: each on its own sub-batch, then mixed.
 
     ``loss = (n_p * L_paired + n_u * L_unpaired) / N``; the fakes come back in the batch's order.
+    ``one_way``: :func:`one_way_objective`, for batches of weakly paired examples only.
     """
+    if one_way:
+        if examples.paired_count != len(examples):
+            raise ValueError(
+                "the one-way (A->B) objective trains on weakly paired examples only; this "
+                f"batch holds {len(examples) - examples.paired_count} unpaired"
+            )
+        return one_way_objective(nets, examples, config, registration=registration)
     paired, unpaired = examples.kinds()
     parts = []
     if paired is not None:
@@ -302,7 +351,7 @@ def generator_objective(
     inverse = torch.argsort(order).to(examples.a.device)
     return Objective(
         loss=loss,
-        fake_a=torch.cat([part.fake_a for part in parts])[inverse],
+        fake_a=torch.cat([_present(part.fake_a) for part in parts])[inverse],
         fake_b=torch.cat([part.fake_b for part in parts])[inverse],
         metrics=merge_metrics((part.examples, part.metrics) for part in parts),
         used=frozenset().union(*(part.used for part in parts)),
@@ -324,6 +373,11 @@ def merge_metrics(parts: Iterable[tuple[int, Mapping[str, float]]]) -> dict[str,
             sums[key] = sums.get(key, 0.0) + count * value
             counts[key] = counts.get(key, 0) + count
     return {key: sums[key] / counts[key] for key in sums if counts[key] > 0}
+
+
+def _present(fake: torch.Tensor | None) -> torch.Tensor:
+    assert fake is not None, "both kinds of example run G_BA"
+    return fake
 
 
 def _value(loss: torch.Tensor) -> float:

@@ -15,12 +15,18 @@ Gaussian with noise multiplier ``sigma / sqrt(m)``. The accountant records exact
 step per training step with the *effective* multiplier. The D step after the G step sees fakes
 made from the same examples, so it adds no new example to the batch.
 
-**Unit of privacy.** One training example: the domain-A slice and the domain-B slice at one
-index of :class:`~common.data.datasets.TrainingSlices` (a weakly paired slice position, or an
-unpaired A slice and its B partner; add/remove-one-example adjacency, as in Opacus). A patient
-contributes several slices; :func:`patient_epsilon` gives the group-privacy figure over all
-examples that hold any of that patient's slices
-(:meth:`~common.data.datasets.TrainingSlices.max_examples_per_subject`).
+**Unit of privacy.** With ``privacy.level = "patient"`` (the default), a patient: every session
+of one subject. A step draws each of the site's patients independently with probability ``q``
+(:class:`PatientPoissonLoader`), and a drawn patient gives exactly one of its own weakly paired
+slices (:class:`~common.data.datasets.PatientSlices`), so one row of the batch is one patient
+and per-sample clipping bounds a patient's whole part of the step by ``C`` per network,
+whatever the patient's sessions and slices. Adding or removing a patient is then the
+add/remove-one adjacency the Poisson-subsampled Gaussian analysis assumes, and the accountant's
+epsilon is the patient's. With ``privacy.level = "example"`` the unit is one training example
+(the A slice and B slice at one index of :class:`~common.data.datasets.TrainingSlices`); a
+patient then fills many examples and :func:`patient_epsilon` gives only a group-privacy bound
+over them (:meth:`~common.data.datasets.TrainingSlices.max_examples_per_subject`), which is
+vacuous at any useful noise.
 
 The accountant (``rdp`` or ``prv``, Opacus) and the noise plan persist in the site's state
 between rounds, so epsilon is cumulative over the whole federation.
@@ -31,14 +37,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from common.accounting import RDP_ORDERS, epsilon_of
 from common.config import PrivacyConfig
@@ -46,6 +52,8 @@ from common.models.intensity import IntensityMap, intensity_map_grad_sample
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
+
+    from common.data.datasets import PatientSlices, TrainingSlices
 
 # Opacus is imported where DP needs it, not with this module: it costs about 1.5 s of CPU per
 # import, and a site without DP (or the coordinator reading a budget) should not pay for it in
@@ -68,7 +76,8 @@ class NoisePlan:
         networks: ``m``, the number of private networks that release a gradient each step.
         steps_per_round: training steps in one round (or one epoch of local training).
         planned_steps: steps over the whole planned run (what ``target_epsilon`` was set for).
-        examples: the dataset size the sample rate was computed from.
+        examples: the population the sample rate was computed from (patients or examples).
+        unit: what one of ``examples`` is: ``"patient"`` or ``"example"``.
     """
 
     sample_rate: float
@@ -77,6 +86,7 @@ class NoisePlan:
     steps_per_round: int
     planned_steps: int
     examples: int
+    unit: str = "example"
 
     @property
     def effective_noise(self) -> float:
@@ -95,6 +105,7 @@ class NoisePlan:
             steps_per_round=int(values["steps_per_round"]),
             planned_steps=int(values["planned_steps"]),
             examples=int(values["examples"]),
+            unit=str(values.get("unit", "example")),
         )
 
 
@@ -112,15 +123,22 @@ def plan_noise(
     steps_per_round: int | None,
     epochs_per_round: int,
     rounds: int,
+    unit: str = "example",
 ) -> NoisePlan:
     """Fix ``q`` and ``sigma`` for a site; with ``target_epsilon``, calibrate ``sigma`` now.
 
-    ``steps_per_round`` (``federation.local_steps``) overrides ``epochs_per_round`` epochs of
-    ``1 / q`` steps each. The calibration targets the effective (joint) multiplier over
-    ``rounds`` rounds and converts it back to the per-network ``sigma``.
+    ``examples`` is the population Poisson sampling runs over: the site's patients when
+    ``unit = "patient"``, its training examples otherwise; ``batch_size`` is the expected batch
+    in the same unit. ``steps_per_round`` (``federation.local_steps``) overrides
+    ``epochs_per_round`` epochs of ``1 / q`` steps each. The calibration targets the effective
+    (joint) multiplier over ``rounds`` rounds and converts it back to the per-network ``sigma``.
     """
     if examples < 1:
-        raise ValueError("differential privacy needs at least one training example")
+        raise ValueError(
+            "differential privacy needs at least one patient with both modalities"
+            if unit == "patient"
+            else "differential privacy needs at least one training example"
+        )
     sample_rate = min(1.0, batch_size / examples)
     per_round = steps_per_round or epochs_per_round * steps_per_epoch(sample_rate)
     planned = per_round * rounds
@@ -146,12 +164,14 @@ def plan_noise(
         steps_per_round=per_round,
         planned_steps=planned,
         examples=examples,
+        unit=unit,
     )
     logger.info(
-        "DP-SGD plan: q = %.5f (%d examples, batch %d), %d steps per round, %d planned; "
+        "DP-SGD plan: q = %.5f (%d %ss, expected batch %d), %d steps per round, %d planned; "
         "sigma = %.4f per network x %d networks (effective %.4f)%s",
         sample_rate,
         examples,
+        unit,
         batch_size,
         per_round,
         planned,
@@ -394,6 +414,89 @@ def poisson_loader(
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
     )
+
+
+class PatientPoissonLoader:
+    """Poisson sampling over patients: each step draws every patient with probability ``q``.
+
+    A drawn patient gives one example, :meth:`~common.data.datasets.PatientSlices.example` for
+    draw ``(epoch, step)``; a patient is never in a batch twice. ``1 / q`` steps make an epoch,
+    as in Opacus' ``UniformWithReplacementSampler`` (the same draws, ``rand < q`` per patient).
+    An empty batch comes out as ``{}``: the trainer then takes a pure-noise step.
+
+    Args:
+        patients: the site's patients.
+        plan: the noise plan (its ``sample_rate`` is over patients).
+        seed: the seed of this epoch's draws.
+        epoch: the epoch, part of each patient's draw of which slice it gives.
+    """
+
+    def __init__(self, patients: PatientSlices, plan: NoisePlan, *, seed: int, epoch: int = 0):
+        if plan.unit != "patient":
+            raise ValueError(f"the noise plan samples {plan.unit}s, not patients")
+        self.patients = patients
+        self.dataset = patients
+        self.sample_rate = plan.sample_rate
+        self.seed = seed
+        self.epoch = epoch
+        self.steps = steps_per_epoch(plan.sample_rate)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batches(self) -> Iterator[list[int]]:
+        """The patients (indices) of each step's batch."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.steps):
+            drawn = torch.rand(len(self.patients), generator=generator) < self.sample_rate
+            yield drawn.nonzero().flatten().tolist()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for step, chosen in enumerate(self.batches()):
+            if not chosen:
+                yield {}
+                continue
+            items = [self.patients.example(i, (self.epoch, step)) for i in chosen]
+            yield default_collate(items)
+
+
+def private_population(
+    dataset: TrainingSlices, privacy: PrivacyConfig
+) -> TrainingSlices | PatientSlices:
+    """What DP-SGD samples from: the site's patients (level ``"patient"``) or its examples."""
+    if privacy.level != "patient":
+        return dataset
+    from common.data.datasets import PatientSlices
+
+    patients = PatientSlices(dataset)
+    if patients.left_out:
+        logger.info(
+            "patient-level DP: %d patient(s) with one modality only are left out of training "
+            "(an unpaired example would mix two patients): %s",
+            len(patients.left_out),
+            ", ".join(patients.left_out[:10]) + (" ..." if len(patients.left_out) > 10 else ""),
+        )
+    return patients
+
+
+def population_unit(privacy: PrivacyConfig) -> str:
+    return "patient" if privacy.level == "patient" else "example"
+
+
+def private_loader(
+    population: TrainingSlices | PatientSlices,
+    plan: NoisePlan,
+    *,
+    seed: int,
+    epoch: int,
+    num_workers: int = 0,
+) -> Iterable[Any]:
+    """One epoch of Poisson batches over ``population`` (patients or examples)."""
+    from common.data.datasets import PatientSlices
+
+    if isinstance(population, PatientSlices):
+        return PatientPoissonLoader(population, plan, seed=seed, epoch=epoch)
+    return poisson_loader(population, plan, seed=seed, num_workers=num_workers)
 
 
 def check_budget(accountant: SiteAccountant, plan: NoisePlan, budget: float | None) -> float:

@@ -58,7 +58,7 @@ from common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from common.device import resolve_device
 from common.io import atomic_save
 from common.losses import discriminator_loss
-from common.models import define_cyclegan
+from common.models import define_cyclegan, freeze_encoder
 
 if TYPE_CHECKING:
     from client.privacy import NoisePlan, SiteAccountant
@@ -162,7 +162,12 @@ class CycleGANTrainer:
         self.config = training
         self.image_size = image_size
         self.registration = training.registration == "on" if registration is None else registration
-        self.generator_names = ["g_ab", "g_ba"] + (["r"] if self.registration else [])
+        self.privacy = privacy if privacy is not None and privacy.dp_sgd else None
+        # Patient-level DP trains the A->B networks only (privacy.networks = "objective").
+        self.one_way = self.privacy is not None and self.privacy.one_way
+        self.generator_names = ["g_ab"] + ([] if self.one_way else ["g_ba"])
+        self.generator_names += ["r"] if self.registration else []
+        self.discriminator_names = ["d_b"] + ([] if self.one_way else ["d_a"])
         self.device = resolve_device(device if device is not None else training.device)
         self.use_bf16 = bool(training.bf16 and self.device.type == "cuda")
         if self.device.type == "cuda":
@@ -173,6 +178,11 @@ class CycleGANTrainer:
         )
         for net in self.nets.values():
             net.to(self.device)
+        for name in self.frozen_names:  # they keep their starting weights
+            self.nets[name].requires_grad_(False)
+        if self.privacy is not None and self.privacy.trainable == "decoder":
+            for name in ("g_ab", "g_ba"):
+                freeze_encoder(self.nets[name])
 
         betas = (training.beta1, training.beta2)
         self.optimizers: dict[str, torch.optim.Optimizer] = {
@@ -183,7 +193,6 @@ class CycleGANTrainer:
         self.schedulers = {
             name: LambdaLR(opt, lr_lambda=schedule) for name, opt in self.optimizers.items()
         }
-        self.privacy = privacy if privacy is not None and privacy.example_level else None
         pool_size = 0 if self.privacy is not None else training.pool_size
         self.pools = {
             "a": ImagePool(pool_size, seed=training.seed),
@@ -197,6 +206,17 @@ class CycleGANTrainer:
         self._anchor: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ accessors
+
+    @property
+    def trained_names(self) -> list[str]:
+        """The networks that train (and, under DP-SGD, are private)."""
+        return [*self.generator_names, *self.discriminator_names]
+
+    @property
+    def frozen_names(self) -> list[str]:
+        """Networks that keep their starting weights: G_BA and D_A when training is one-way."""
+        trained = set(self.trained_names)
+        return [name for name in self.nets if name not in trained]
 
     @property
     def g_ab(self) -> nn.Module:
@@ -245,23 +265,31 @@ class CycleGANTrainer:
         """Put every network under Opacus' per-sample clipping and noise, with one accountant.
 
         Call it once, before training and before :meth:`load_state_dict` restores a saved
-        accountant. Every network in :attr:`nets` reads a real image (directly, or through a fake
-        made from one), so every one of them becomes private.
+        accountant. Every network that trains reads a real image (directly, or through a fake
+        made from one), so every one of them becomes private; a frozen one (G_BA and D_A in
+        one-way training) reads nothing and stays as it is.
         """
         from client.privacy import SiteAccountant, make_private
 
         if self.privacy is None:
-            raise ValueError("make_private needs privacy.enabled with privacy.level = 'example'")
-        if plan.networks != len(self.nets):
+            raise ValueError(
+                "make_private needs privacy.enabled with privacy.level = 'patient' or 'example'"
+            )
+        trained = self.trained_names
+        if plan.networks != len(trained):
             raise ValueError(
                 f"the noise plan was made for {plan.networks} private networks, this trainer "
-                f"has {len(self.nets)} ({', '.join(self.nets)})"
+                f"trains {len(trained)} ({', '.join(trained)})"
             )
         nets, optimizers = make_private(
-            self.nets, self.optimizers, self.privacy, plan, self.config.batch_size
+            {name: self.nets[name] for name in trained},
+            {name: self.optimizers[name] for name in trained},
+            self.privacy,
+            plan,
+            self.privacy.batch_size or self.config.batch_size,
         )
-        self.nets = nets
-        self.optimizers = dict(optimizers)
+        self.nets.update(nets)
+        self.optimizers.update(optimizers)
         self.plan = plan
         self.accountant = SiteAccountant(self.privacy.accountant, self.privacy.delta)
 
@@ -348,10 +376,11 @@ class CycleGANTrainer:
         from client.privacy import mark_empty_batch
 
         assert self.privacy is not None and self.plan is not None and self.accountant is not None
-        size = int(batch["a"].shape[0]) if isinstance(batch, Mapping) else 0
+        size = int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
         if size == 0:
             # An empty Poisson batch: every private network still takes a pure-noise step.
-            for name, optimizer in self.optimizers.items():
+            for name in self.trained_names:
+                optimizer = self.optimizers[name]
                 optimizer.zero_grad(set_to_none=True)
                 mark_empty_batch(optimizer)
                 self._clip_and_step([name], {})
@@ -370,12 +399,19 @@ class CycleGANTrainer:
             parts.append((len(chunk), metrics))
             fakes.append((chunk.a, chunk.b, fake_a, fake_b))
         # Discriminators read any kind alike: chunks of ``limit`` examples over the whole batch.
-        real_a, real_b, fake_a, fake_b = (torch.cat(column) for column in zip(*fakes, strict=True))
+        real_a = torch.cat([chunk_a for chunk_a, _, _, _ in fakes])
+        real_b = torch.cat([chunk_b for _, chunk_b, _, _ in fakes])
+        fake_b = torch.cat([fb for _, _, _, fb in fakes])
+        one_way = any(fa is None for _, _, fa, _ in fakes)
+        fake_a = None if one_way else torch.cat([fa for _, _, fa, _ in fakes if fa is not None])
         for begin in range(0, size, limit):
             end = begin + limit
-            self._skip_unless(end >= size, ("d_a", "d_b"))
+            self._skip_unless(end >= size, self.discriminator_names)
             metrics = self._discriminator_update(
-                real_a[begin:end], real_b[begin:end], fake_a[begin:end], fake_b[begin:end]
+                real_a[begin:end],
+                real_b[begin:end],
+                None if fake_a is None else fake_a[begin:end],
+                fake_b[begin:end],
             )
             parts.append((min(end, size) - begin, metrics))
         self.accountant.step(self.plan)
@@ -398,7 +434,11 @@ class CycleGANTrainer:
         examples = batch if isinstance(batch, Examples) else Examples.from_batch(batch, self.device)
         with self._autocast():
             return generator_objective(
-                self.nets, examples, self.config, registration=self.registration
+                self.nets,
+                examples,
+                self.config,
+                registration=self.registration,
+                one_way=self.one_way,
             )
 
     def discriminator_loss(self, name: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -409,13 +449,13 @@ class CycleGANTrainer:
 
     def _generator_update(
         self, examples: Examples
-    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    ) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor]:
         """Back-propagate the generators' objective and step them; return metrics and fakes."""
         generator_names = self.generator_names
         for name in generator_names:
             self.optimizers[name].zero_grad(set_to_none=True)
         # D is frozen through the backward too: its Opacus hooks must stay off until then.
-        with self._frozen("d_a", "d_b"):
+        with self._frozen(*self.discriminator_names):
             objective = self.generator_loss(examples)
             metrics = dict(objective.metrics)
             loss_g = objective.loss
@@ -438,16 +478,26 @@ class CycleGANTrainer:
         else:
             self._clip_and_step([n for n in generator_names if n in objective.used], metrics)
         metrics["loss_g"] = _value(loss_g)
-        return metrics, objective.fake_a.detach(), objective.fake_b.detach()
+        fake_a = None if objective.fake_a is None else objective.fake_a.detach()
+        return metrics, fake_a, objective.fake_b.detach()
 
     def _discriminator_update(
-        self, real_a: torch.Tensor, real_b: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor
+        self,
+        real_a: torch.Tensor,
+        real_b: torch.Tensor,
+        fake_a: torch.Tensor | None,
+        fake_b: torch.Tensor,
     ) -> dict[str, float]:
-        """D_B: real b vs (pooled) fake b; D_A: real a vs fake a; both kinds of example alike."""
+        """D_B: real b vs (pooled) fake b; D_A: real a vs fake a; both kinds of example alike.
+
+        One-way training has no fake a and trains D_B only.
+        """
         metrics: dict[str, float] = {}
-        pooled_b = self.pools["b"].query(fake_b)
-        pooled_a = self.pools["a"].query(fake_a)
-        for name, real, fake in (("d_b", real_b, pooled_b), ("d_a", real_a, pooled_a)):
+        pairs = [("d_b", real_b, self.pools["b"].query(fake_b))]
+        if "d_a" in self.discriminator_names:
+            assert fake_a is not None
+            pairs.append(("d_a", real_a, self.pools["a"].query(fake_a)))
+        for name, real, fake in pairs:
             self.optimizers[name].zero_grad(set_to_none=True)
             loss_d = self.discriminator_loss(name, real, fake)
             loss_d.backward()

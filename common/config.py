@@ -253,17 +253,21 @@ class TrainingConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy: DP-SGD per training example at each site, or client-level DP.
+    """Differential privacy, by its unit: a patient, one training example, or a whole site.
 
-    ``level = "example"``: every network that reads a real image is trained with per-sample
-    clipping (``max_grad_norm``) and Gaussian noise (Opacus); one accountant per site composes
-    them (:mod:`client.privacy`). ``level = "site"``: each site clips its whole round update to
-    ``site_clip_norm`` and the coordinator adds Gaussian noise to the average (DP-FedAvg,
-    McMahan et al. 2018); the coordinator accounts for it.
+    ``level = "patient"`` (the default): DP-SGD at each site where a Poisson batch draws
+    *patients* (every session of one subject is one patient) and each drawn patient gives one
+    weakly paired slice, so per-sample clipping (``max_grad_norm``) bounds every patient's part
+    of a step and the site's accountant composes at patient level (:mod:`client.privacy`).
+    Patients with one modality only are left out: an unpaired example mixes two patients.
+    ``level = "example"``: the same DP-SGD over slices (one A slice and its B partner), kept for
+    comparison; it protects single slices, not people. ``level = "site"``: each site clips its
+    whole round update to ``site_clip_norm`` and the coordinator adds Gaussian noise to the
+    average (DP-FedAvg, McMahan et al. 2018); the coordinator accounts for it.
     """
 
     enabled: bool = False
-    level: Literal["example", "site"] = "example"
+    level: Literal["patient", "example", "site"] = "patient"
     noise_multiplier: float | None = Field(
         None,
         ge=0.0,
@@ -294,6 +298,24 @@ class PrivacyConfig(_Section):
     site_clip_norm: float = Field(
         1.0, gt=0.0, description="Site level: bound on the L2 norm of a site's round update."
     )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Expected Poisson batch of DP-SGD: patients (level 'patient') or examples "
+        "(level 'example'); default training.batch_size.",
+    )
+    networks: Literal["objective", "all"] = Field(
+        "objective",
+        description="Level 'patient': train (and privatise) only the networks the A->B paired "
+        "objective needs (G_AB, D_B, and R when registration is on); G_BA and D_A keep the "
+        "weights they start from. 'all': all of them, both directions.",
+    )
+    trainable: Literal["all", "decoder"] = Field(
+        "all",
+        description="Under DP-SGD, which generator parameters train: 'all', or 'decoder' (a "
+        "U-Net's up-sampling path, every normalisation layer and the intensity prior; the "
+        "encoder keeps its starting weights). Meant for fine-tuning a warm start.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -304,9 +326,19 @@ class PrivacyConfig(_Section):
         return self
 
     @property
-    def example_level(self) -> bool:
-        """DP-SGD at the sites (per training example)."""
-        return self.enabled and self.level == "example"
+    def dp_sgd(self) -> bool:
+        """DP-SGD at the sites (level ``"patient"`` or ``"example"``)."""
+        return self.enabled and self.level in ("patient", "example")
+
+    @property
+    def patient_level(self) -> bool:
+        """DP-SGD whose unit is the patient."""
+        return self.enabled and self.level == "patient"
+
+    @property
+    def one_way(self) -> bool:
+        """Patient-level DP-SGD training only the A->B networks (``networks = "objective"``)."""
+        return self.patient_level and self.networks == "objective"
 
     @property
     def site_level(self) -> bool:
@@ -350,6 +382,18 @@ class FederationConfig(_Section):
         "random weights (train-local's on public data such as the phantom, or an earlier run's "
         "round); its model settings and image size must be the run's.",
     )
+    warm_start: Literal["none", "phantom"] = Field(
+        "none",
+        description="'phantom': before round 1 the coordinator trains the run's networks on the "
+        "built-in phantom (public, no patient, exact pairs) for warm_start_steps and round 1 "
+        "starts from those generators; cached by settings and seed. Costs no privacy.",
+    )
+    warm_start_steps: int = Field(
+        600, ge=1, description="Steps of the phantom warm start (batches of training.batch_size)."
+    )
+    warm_start_subjects: int = Field(
+        16, ge=2, description="Phantom subjects the warm start trains on (two contrasts each)."
+    )
     evaluate_sites: bool = Field(
         True,
         description="Ask sites to score each round's global model on their own validation data "
@@ -379,6 +423,11 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _check_rounds(self) -> Self:
+        if self.warm_start != "none" and self.initial_generators is not None:
+            raise ValueError(
+                "set federation.warm_start or federation.initial_generators, not both (both "
+                "choose round 1's starting generators)"
+            )
         if self.decay_rounds is not None and self.decay_rounds > self.rounds:
             raise ValueError(
                 f"decay_rounds ({self.decay_rounds}) cannot exceed rounds ({self.rounds})"

@@ -78,6 +78,20 @@ def shared_site(*parts: str) -> Path:
     return path
 
 
+def training_patients(site: Path, config: RunConfig, cache: Path | None = None) -> int:
+    """The patients a site samples under patient-level DP, counted from its volumes: the
+    subjects with a weakly paired session in the training part (sessions of one subject are one
+    patient; subjects with one modality only are left out)."""
+    from common.data.site import load_site
+    from common.data.validation import hold_out
+
+    data = load_site(site, config.data, cache_dir=cache, seed=config.training.seed)
+    data = hold_out(data, config.data.validation_fraction, config.training.seed)
+    return len(
+        {a.scan.subject for a, b in data.paired if len(np.intersect1d(a.stack.z, b.stack.z))}
+    )
+
+
 def training_examples(site: Path, config: RunConfig, cache: Path | None = None) -> int:
     """The examples a site trains on, counted from its volumes (independently of
     TrainingSlices): the slice positions of its training pairs (its validation part held out)

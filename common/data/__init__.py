@@ -1,6 +1,12 @@
 """Site data: discovery, validation, preprocessing, sampling and inspection of a site's scans."""
 
-from common.data.datasets import PairedSlices, TrainingSlices, UnpairedSlices, training_set
+from common.data.datasets import (
+    PairedSlices,
+    PatientSlices,
+    TrainingSlices,
+    UnpairedSlices,
+    training_set,
+)
 from common.data.discovery import Scan, SiteInventory, discover_site
 from common.data.errors import (
     BadScansError,
@@ -20,6 +26,7 @@ __all__ = [
     "LoadedScan",
     "MissingModalityError",
     "PairedSlices",
+    "PatientSlices",
     "Scan",
     "ScanError",
     "SiteData",

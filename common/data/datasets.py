@@ -10,6 +10,7 @@ run is reproducible and a resumed epoch sees the same examples.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -231,6 +232,8 @@ class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
         all_a = [a for a, _ in pairs] + list(unpaired_a)
         all_b = [b for _, b in pairs] + list(unpaired_b)
         self.unpaired_count = max(_slices(unpaired_a), _slices(unpaired_b))
+        self.unpaired_a_subjects = [v.scan.subject for v in unpaired_a]
+        self.unpaired_b_subjects = [v.scan.subject for v in unpaired_b]
         pool_a = list(unpaired_a) if unpaired_a else all_a
         pool_b, levels_pool_b = (list(unpaired_b), level_b) if unpaired_b else (all_b, pair_levels)
         self.pool_a_subjects = [v.scan.subject for v in pool_a for _ in v.stack.slices]
@@ -275,21 +278,27 @@ class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
         return max(counts.values())
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.item(index)
+
+    def item(self, index: int, key: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Example ``index``; its random draws (affines, gamma) are seeded by ``key`` instead of
+        the index when given, so that they do not depend on where the example sits."""
+        key = [index] if key is None else list(key)
         if index < self.paired_count:
-            item = self._paired_item(index)
+            item = self._paired_item(index, key)
         else:
             item = self._unpaired_item(index - self.paired_count)
         if self.augment_gamma > 0:
-            rng = np.random.default_rng([self.seed, self.epoch, 3, index])
+            rng = np.random.default_rng([self.seed, self.epoch, 3, *key])
             gamma = float(np.exp(rng.uniform(-self.augment_gamma, self.augment_gamma)))
             item["a"] = ((item["a"] + 1.0) * 0.5).clamp(0.0, 1.0) ** gamma * 2.0 - 1.0
         return item
 
-    def _paired_item(self, index: int) -> dict[str, torch.Tensor]:
-        images = {key: self.paired[key][index] for key in ("a", "b", "a_mask", "b_mask")}
+    def _paired_item(self, index: int, key: Sequence[int]) -> dict[str, torch.Tensor]:
+        images = {name: self.paired[name][index] for name in ("a", "b", "a_mask", "b_mask")}
         severity = self.pair_severity[index]
         if severity != "none":
-            rng = np.random.default_rng([self.seed, self.epoch, 2, index])
+            rng = np.random.default_rng([self.seed, self.epoch, 2, *key])
             for side in ("a", "b"):  # independent draws: the pair is misaligned both ways
                 draw = draw_affine(severity, images[side].shape[-1], rng)
                 images[side] = apply_affine(images[side], draw)
@@ -314,6 +323,49 @@ class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
             mask = images["b_mask"].astype(np.float32)
             images["b_mask"] = apply_affine(mask, draw, background=0.0) > 0.5
         return _item(images, paired=False)
+
+
+class PatientSlices:
+    """A site's patients, each with the weakly paired examples only that patient's data makes.
+
+    The unit of patient-level DP-SGD (:mod:`client.privacy`): a Poisson batch draws patients,
+    and each drawn patient gives one of its own examples, chosen by :meth:`example`. Every
+    session of a subject is the same patient (sessions share ``scan.subject``). Subjects with
+    one modality only are left out: their examples pair one patient's slice with another's, so
+    a row would carry two people (``left_out`` names them).
+
+    Args:
+        examples: the site's training examples; only the weakly paired ones are used.
+    """
+
+    def __init__(self, examples: TrainingSlices):
+        groups: dict[str, list[int]] = {}
+        for index, subject in enumerate(examples.pair_subjects):
+            groups.setdefault(subject, []).append(index)
+        self.examples = examples
+        self.patients = sorted(groups)
+        self.rows = [np.asarray(groups[p], dtype=np.int64) for p in self.patients]
+        single = {*examples.unpaired_a_subjects, *examples.unpaired_b_subjects}
+        self.left_out = sorted(single - set(groups))
+        # A patient's draws depend on its own name only: adding or removing another patient
+        # leaves them unchanged (what the sensitivity argument and its test rely on).
+        self._keys = [zlib.crc32(p.encode("utf-8")) for p in self.patients]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.examples.set_epoch(epoch)
+
+    def example(self, patient: int, draw: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Patient ``patient``'s example for draw ``draw`` (e.g. ``(epoch, step)``): one of its
+        own weakly paired slices, uniformly, misaligned and augmented by draws that are a
+        function of (seed, draw, patient name, slice) only."""
+        key = [self._keys[patient], *draw]
+        rng = np.random.default_rng([self.examples.seed, 4, *key])
+        rows = self.rows[patient]
+        choice = int(rng.integers(len(rows)))
+        return self.examples.item(int(rows[choice]), [*key, choice])
 
 
 def _slices(volumes: Sequence[Volume]) -> int:

@@ -13,6 +13,7 @@ from common.models.factory import (
     define_discriminator,
     define_generator,
     define_registration,
+    freeze_encoder,
     init_weights,
 )
 from common.models.generators import ResidualBlock, ResnetGenerator, UnetGenerator
@@ -30,6 +31,7 @@ __all__ = [
     "define_generator",
     "define_registration",
     "flow_to_pixels",
+    "freeze_encoder",
     "identity_grid",
     "init_weights",
     "patch_receptive_field",

@@ -31,6 +31,7 @@ __all__ = [
     "define_discriminator",
     "define_generator",
     "define_registration",
+    "freeze_encoder",
     "init_weights",
 ]
 
@@ -170,3 +171,27 @@ def define_cyclegan(
         if name != "r":
             init_weights(net, seed=seed + offset)
     return nets
+
+
+def freeze_encoder(generator: nn.Module) -> int:
+    """Keep a U-Net generator's encoder at its weights; return how many parameters still train.
+
+    What trains: the up-sampling path, every normalisation layer (also the encoder's) and the
+    intensity prior, the parts that set contrast and intensity (what a new site's data shifts
+    most) with about half the weights. For DP fine-tuning of a warm start: fewer private
+    parameters, so less noise in all (``privacy.trainable = "decoder"``).
+
+    Raises:
+        ValueError: if the generator is not a U-Net (the ResNet has no decoder to name).
+    """
+    body = generator.body if isinstance(generator, PriorGenerator) else generator
+    if not isinstance(body, UnetGenerator):
+        raise ValueError(
+            f"privacy.trainable = 'decoder' needs model.generator = 'unet', this generator is a "
+            f"{type(body).__name__}"
+        )
+    for module in body.down.modules():
+        if not isinstance(module, nn.InstanceNorm2d):
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+    return sum(p.numel() for p in generator.parameters() if p.requires_grad)

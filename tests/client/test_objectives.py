@@ -214,8 +214,9 @@ def test_a_mixed_batch_loss_is_the_mean_of_its_examples_own_losses(registration:
 
 def _private(noise: float, max_physical: int | None = None) -> CycleGANTrainer:
     privacy = PrivacyConfig.model_validate(
-        {
+        {  # slice-level: mixed batches of both kinds, every network
             "enabled": True,
+            "level": "example",
             "noise_multiplier": noise,
             "max_grad_norm": 0.5,
             "grad_sample_mode": "hooks",

@@ -45,7 +45,13 @@ def _training(**changes: object) -> TrainingConfig:
 
 
 def _privacy(**changes: object) -> PrivacyConfig:
-    base: dict[str, object] = {"enabled": True, "noise_multiplier": 0.0, "max_grad_norm": 0.05}
+    # Slice-level DP (level "example") over random examples of either kind, every network.
+    base: dict[str, object] = {
+        "enabled": True,
+        "level": "example",
+        "noise_multiplier": 0.0,
+        "max_grad_norm": 0.05,
+    }
     base.update(changes)
     return PrivacyConfig.model_validate(base)
 

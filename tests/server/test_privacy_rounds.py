@@ -1,7 +1,9 @@
-"""Example-level DP across federated rounds: reported epsilon, persistence, budgets, the record.
+"""DP across federated rounds: reported epsilon, persistence, budgets, the record.
 
-The real Coordinator and ClientApp over the in-process transport; every epsilon is recomputed
-from (noise multiplier, sample rate, steps) with Opacus' RDP analysis functions.
+Patient-level DP-SGD (the default) and slice-level (``privacy.level = "example"``) through the
+real Coordinator and ClientApp over the in-process transport; every epsilon is recomputed from
+(noise multiplier, sample rate over patients or examples, steps) with Opacus' RDP analysis
+functions, the populations counted from the sites' volumes.
 """
 
 from __future__ import annotations
@@ -24,16 +26,23 @@ from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
 from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
 from simulations.inprocess import InProcessGrid, tiny_config
-from tests.conftest import training_examples
+from tests.conftest import training_examples, training_patients
 
 SIGMA = 1.1
 STEPS = 2  # local steps per round
-NETWORKS = 4  # G_AB, G_BA, D_A, D_B (no misalignment, so no R)
+LEVELS = ("patient", "example")
+# Patient level trains the A->B networks, G_AB and D_B; example level all four (G_AB, G_BA,
+# D_A, D_B). No misalignment, so no R.
+NETWORKS = {"patient": 2, "example": 4}
+# One patient per expected batch: the sites' 3, 2 and 1 patients give sample rates 1/3, 1/2, 1.
+PATIENT_BATCH = 1
 
 
-def _config(*extra: str) -> RunConfig:
+def _config(*extra: str, level: str = "patient") -> RunConfig:
     return tiny_config(
         "privacy.enabled=true",
+        f"privacy.level={level}",
+        f"privacy.batch_size={PATIENT_BATCH if level == 'patient' else 4}",
         f"privacy.noise_multiplier={SIGMA}",
         "privacy.accountant=rdp",
         "privacy.max_grad_norm=0.5",
@@ -52,13 +61,23 @@ def _grid(sites: list[Path], tmp: Path) -> InProcessGrid:
 
 
 def _examples(site: Path, config: RunConfig, cache: Path) -> int:
+    """What the site's Poisson sampling runs over: its patients, or its training examples."""
+    if config.privacy.level == "patient":
+        return training_patients(site, config, cache)
     return training_examples(site, config, cache)
 
 
+def _rate(examples: int, config: RunConfig) -> float:
+    return min(1.0, (config.privacy.batch_size or config.training.batch_size) / examples)
+
+
 def _independent_epsilon(examples: int, config: RunConfig, steps: int) -> float:
-    q = config.training.batch_size / examples
+    networks = NETWORKS[config.privacy.level]
     rdp = rdp_analysis.compute_rdp(
-        q=q, noise_multiplier=SIGMA / math.sqrt(NETWORKS), steps=steps, orders=RDP_ORDERS
+        q=_rate(examples, config),
+        noise_multiplier=SIGMA / math.sqrt(networks),
+        steps=steps,
+        orders=RDP_ORDERS,
     )
     eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=config.privacy.delta)
     return float(eps)
@@ -76,10 +95,11 @@ def _reported(grid: InProcessGrid) -> dict[tuple[int, int], float]:
     return out
 
 
+@pytest.mark.parametrize("level", LEVELS)
 def test_each_site_reports_cumulative_epsilon_that_opacus_recomputes(
-    sites: list[Path], tmp_path: Path
+    sites: list[Path], tmp_path: Path, level: str
 ) -> None:
-    config = _config("federation.rounds=3", "federation.min_sites=3")
+    config = _config("federation.rounds=3", "federation.min_sites=3", level=level)
     grid = _grid(sites, tmp_path)
     summaries = Coordinator(grid, config, tmp_path / "run").run()
     reported = _reported(grid)
@@ -92,9 +112,9 @@ def test_each_site_reports_cumulative_epsilon_that_opacus_recomputes(
             assert reported[(node, round_number)] == pytest.approx(expected, rel=1e-9)
         # Persistence: round 2's figure equals one uninterrupted accountant over the same steps.
         plan = NoisePlan(
-            sample_rate=config.training.batch_size / count,
+            sample_rate=_rate(count, config),
             noise_multiplier=SIGMA,
-            networks=NETWORKS,
+            networks=NETWORKS[level],
             steps_per_round=STEPS,
             planned_steps=STEPS * 3,
             examples=count,
@@ -170,12 +190,15 @@ def test_on_budget_exhausted_stop_ends_the_run_naming_the_site(
         Coordinator(_grid(sites, tmp_path), config, tmp_path / "run").run()
 
 
+@pytest.mark.parametrize("level", LEVELS)
 def test_a_private_local_run_logs_epsilon_per_epoch_and_resumes_its_accountant(
-    sites: list[Path], tmp_path: Path
+    sites: list[Path], tmp_path: Path, level: str
 ) -> None:
     """The local-only baseline under DP: per-epoch epsilon, checkpoint record, exact resume."""
     overrides = (
         "privacy.enabled=true",
+        f"privacy.level={level}",
+        f"privacy.batch_size={PATIENT_BATCH if level == 'patient' else 4}",
         f"privacy.noise_multiplier={SIGMA}",
         "privacy.accountant=rdp",
         f"output_dir={tmp_path}",
@@ -184,7 +207,7 @@ def test_a_private_local_run_logs_epsilon_per_epoch_and_resumes_its_accountant(
     config = tiny_config(*overrides, "name=whole", "training.epochs=3")
     run = train_local([sites[0]], config, evaluate=False)
     count = _examples(sites[0], config, tmp_path / "cache")
-    per_epoch = max(1, int(count / config.training.batch_size))  # Poisson batches per epoch
+    per_epoch = max(1, int(1 / _rate(count, config)))  # Poisson batches per epoch
     lines = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["steps"] for line in lines] == [per_epoch] * 3
     for epoch, line in enumerate(lines, start=1):
@@ -193,7 +216,12 @@ def test_a_private_local_run_logs_epsilon_per_epoch_and_resumes_its_accountant(
     meta = json.loads((run.checkpoint / "checkpoint.json").read_text())
     assert meta["privacy"]["epsilon"] == pytest.approx(lines[-1]["epsilon"])
     assert meta["privacy"]["steps"] == 3 * per_epoch
-    assert meta["privacy"]["patient_epsilon"] >= meta["privacy"]["epsilon"]
+    assert meta["privacy"]["level"] == level
+    if level == "patient":  # the accountant's figure is the patient's
+        assert meta["privacy"]["patients"] == count
+        assert meta["privacy"]["patient_epsilon"] == meta["privacy"]["epsilon"]
+    else:
+        assert meta["privacy"]["patient_epsilon"] > meta["privacy"]["epsilon"]
     Synthesizer(run.checkpoint, device="cpu")  # a DP checkpoint loads into a plain generator
 
     # Two epochs, then a resumed third: the same epsilon as the uninterrupted run.
@@ -213,13 +241,14 @@ def test_a_private_local_run_logs_epsilon_per_epoch_and_resumes_its_accountant(
 def test_a_local_run_stops_at_the_epoch_that_would_pass_the_budget(
     sites: list[Path], tmp_path: Path
 ) -> None:
-    probe = tiny_config("privacy.enabled=true", f"privacy.noise_multiplier={SIGMA}")
+    probe = _config()
     count = _examples(sites[0], probe, tmp_path / "cache")
-    per_epoch = max(1, int(count / probe.training.batch_size))
+    per_epoch = max(1, int(1 / _rate(count, probe)))
     low = _independent_epsilon(count, probe, 2 * per_epoch)
     high = _independent_epsilon(count, probe, 3 * per_epoch)
     config = tiny_config(
         "privacy.enabled=true",
+        f"privacy.batch_size={PATIENT_BATCH}",
         f"privacy.noise_multiplier={SIGMA}",
         "privacy.accountant=rdp",
         f"privacy.budget_epsilon={(low + high) / 2}",
@@ -355,7 +384,7 @@ def test_a_hospital_enforces_its_own_cap_whatever_the_coordinator_asks(
     plain = tiny_config("federation.rounds=1", "federation.min_sites=2", "federation.local_steps=1")
     summary = Coordinator(InProcessGrid(nodes, names=names), plain, tmp_path / "plain").run()[0]
     assert summary.budget_spent == ["site-1"]
-    assert "trains only under example-level differential privacy" in summary.rejected["site-1"][0]
+    assert "trains only under DP-SGD at the site" in summary.rejected["site-1"][0]
 
     private = _config("federation.rounds=3", "federation.min_sites=2")  # no budget of its own
     summaries = Coordinator(InProcessGrid(nodes, names=names), private, tmp_path / "dp").run()
