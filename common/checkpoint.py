@@ -53,7 +53,7 @@ class CheckpointMetadata(BaseModel):
     format_version: int = FORMAT_VERSION
     fedsynth_version: str = __version__
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    kind: Literal["local", "pooled", "federated", "untrained"]
+    kind: Literal["local", "pooled", "federated", "untrained", "warm-start"]
     direction: str
     model: ModelConfig
     data: DataConfig

@@ -391,6 +391,11 @@ class FederationConfig(_Section):
     warm_start_steps: int = Field(
         600, ge=1, description="Steps of the phantom warm start (batches of training.batch_size)."
     )
+    warm_start_cache: AbsolutePath | None = Field(
+        None,
+        description="Where warm starts are kept, by settings (default: a 'warm-starts' folder "
+        "beside the run folder).",
+    )
     warm_start_subjects: int = Field(
         16, ge=2, description="Phantom subjects the warm start trains on (two contrasts each)."
     )

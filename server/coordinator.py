@@ -73,6 +73,7 @@ from common.federation import (
 )
 from common.io import atomic_save, atomic_write_text
 from common.models import define_cyclegan
+from server import warm_start
 from server.certs import public_key_der
 from server.checkpoint import (
     BestRound,
@@ -93,6 +94,7 @@ from server.validation import check_update
 logger = logging.getLogger("fedsynth.server")
 
 RUN_FILE = "run.json"
+WARM_STARTS = "warm-starts"  # beside the run folder: the phantom warm starts, by settings
 SERVER_STATE = "server_state.pt"
 POLL_S = 0.5  # seconds between pulls for replies (each costs the SuperLink a few SQL queries)
 REPORT_EVERY_S = 30.0
@@ -268,8 +270,8 @@ class Coordinator:
                 self.best = scan_best(self.run_dir)
                 if self.fed.ema_decay is not None:
                     self.ema = self._load_ema(last)
-            elif self.fed.initial_generators is not None:  # stopped before round 1 finished
-                self._start_from(Path(self.fed.initial_generators))
+            elif (start := self._starting_point()) is not None:  # stopped before round 1
+                self._start_from(start)
             logger.info("resuming %s after round %s", self.run_dir, last or 0)
             return run_key
         if latest_round(self.run_dir) is not None:
@@ -279,11 +281,24 @@ class Coordinator:
             )
         run_key = uuid.uuid4().hex[:16]
         run_info: dict[str, Any] = {"run_key": run_key}
-        if self.fed.initial_generators is not None:
-            run_info["initial_generators"] = self._start_from(Path(self.fed.initial_generators))
+        start = self._starting_point()
+        if start is not None:
+            run_info["initial_generators"] = self._start_from(start)
+        if self.fed.warm_start != "none" and start is not None:
+            run_info["warm_start"] = warm_start.describe(start)
         write_resolved_config(self.config, self.run_dir)
         atomic_write_text(run_file, json.dumps(run_info, indent=2) + "\n")
         return run_key
+
+    def _starting_point(self) -> Path | None:
+        """Round 1's generators: ``initial_generators``, the phantom warm start, or None."""
+        if self.fed.initial_generators is not None:
+            return Path(self.fed.initial_generators)
+        if self.fed.warm_start == "phantom":
+            # By default beside the run folder, so that the runs of one experiment share it.
+            cache = self.fed.warm_start_cache or self.run_dir.parent / WARM_STARTS
+            return warm_start.phantom_warm_start(self.config, Path(cache))
+        return None
 
     def _start_from(self, path: Path) -> dict[str, Any]:
         """Load ``federation.initial_generators`` into the shared generators; what it was.

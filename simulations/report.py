@@ -242,7 +242,7 @@ def headline_lines(results: ExperimentResults) -> list[str]:
     if _privacy_on(results):
         worst = _worst_epsilon(results)
         budget = _budget(results.privacy)
-        text = f"privacy: worst epsilon {_fmt(worst, 2)}"
+        text = f"privacy: worst {_unit(results.privacy)} epsilon {_fmt(worst, 2)}"
         if budget is not None:
             text += f" (budget {_fmt(budget, 2)})"
         tail.append(text)
@@ -530,7 +530,7 @@ def _privacy_section(results: ExperimentResults, figures: _FigureWriter) -> list
     privacy = results.privacy
     if not _privacy_on(results):
         return [*lines, "_Differential privacy was off for this experiment._", ""]
-    facts = [f"level: **{_escape(str(privacy.get('level', MISSING)))}**"]
+    facts = [f"unit: **{_escape(_unit(privacy))}**"]
     facts.append(f"δ = {_number(privacy.get('delta'))}")
     if "noise_multiplier" in privacy:
         facts.append(f"noise multiplier σ = {_number(privacy['noise_multiplier'])}")
@@ -694,7 +694,15 @@ def _load_cell(label: str, folder: Path) -> _Cell:
         return _Cell(label, folder, None, f"unreadable {RESULTS_NAME}")
 
 
-_GRID_MODELS = ("federated", "pooled", "local (smallest site)", LOOKUP_TABLE, "untrained")
+_GRID_MODELS = (
+    "federated",
+    "pooled",
+    "local (smallest site)",
+    LOOKUP_TABLE,
+    HISTOGRAM,
+    CONSTANT,
+    "untrained",
+)
 
 
 def _grid_models(results: ExperimentResults) -> list[ModelResult | None]:
@@ -703,6 +711,8 @@ def _grid_models(results: ExperimentResults) -> list[ModelResult | None]:
         _trained(results.model(POOLED)),
         _smallest_local(results),
         _trained(results.model(LOOKUP_TABLE)),
+        _trained(results.model(HISTOGRAM)),
+        _trained(results.model(CONSTANT)),
         _trained(results.model(UNTRAINED)),
     ]
 
@@ -735,7 +745,9 @@ def _grid_table(cells: Sequence[_Cell], folder: Path) -> list[str]:
             row += [MISSING, MISSING, f"not run / failed ({cell.error})"]
         else:
             worst = _worst_epsilon(cell.results) if _privacy_on(cell.results) else None
-            row.append(_fmt(worst, 2) if worst is not None else "off")
+            row.append(
+                f"{_fmt(worst, 2)} ({_unit(cell.results.privacy)})" if worst is not None else "off"
+            )
             row.append(_fmt_seconds(_total_seconds(cell.results.timing)))
             report = cell.folder / REPORT_NAME
             if report.is_file():
@@ -778,6 +790,8 @@ def _grid_figure(cells: Sequence[_Cell], figures: _FigureWriter) -> str | None:
         _FIXED_COLOURS[POOLED],
         _cycle(0),
         _FIXED_COLOURS[LOOKUP_TABLE],
+        _FIXED_COLOURS[HISTOGRAM],
+        _FIXED_COLOURS[CONSTANT],
         _FIXED_COLOURS[UNTRAINED],
     ]
     _grouped_bars(axes[0], groups, series, colours)
@@ -1070,6 +1084,14 @@ def _budget(privacy: Mapping[str, Any]) -> float | None:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+def _unit(privacy: Mapping[str, Any]) -> str:
+    """What one epsilon protects: a patient, one training slice, or a whole site."""
+    level = privacy.get("level", "example")  # results written before the patient unit
+    return {"patient": "patient-level", "example": "slice-level", "site": "site-level"}.get(
+        str(level), str(level)
+    )
 
 
 def _epsilon_series(results: ExperimentResults) -> dict[str, list[tuple[int, float]]]:

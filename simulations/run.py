@@ -930,6 +930,8 @@ def run_grid(
                 path=config_path, preset=preset, overrides=[*overrides, *cell_overrides]
             )
             config = config.model_copy(update={"name": _cell_folder(label)})
+            if config.federation.warm_start_cache is None:  # one warm start for all cells
+                config.federation.warm_start_cache = (folder / "warm-starts").resolve()
             run_experiment(
                 config,
                 folder=cell_dir,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ from server.checkpoint import latest_round, round_dir
 from server.status import read_status
 from simulations.federated import simulate
 from simulations.inprocess import TINY, phantom_sites, tiny_config
-from tests.conftest import training_examples
+from tests.conftest import training_examples, training_patients
 from tests.intake import write_bad_site
 from tests.local_compose import LocalCompose
 
@@ -49,17 +50,24 @@ ALLOWED_TRAIN_METRICS = {
     "num-examples", "steps", "seconds", "samples-per-s", "lr", "loss_g", "loss_gan",
     "loss_cycle", "loss_d_a", "loss_d_b", "loss_identity", "loss_proximal", "epsilon", "delta",
 }  # fmt: skip
-# Example-level DP in the simulation and the deployment: both must report epsilon per site.
-DP = ("privacy.enabled=true", "privacy.noise_multiplier=1.0", 'privacy.accountant="rdp"')
+# Patient-level DP (the default), one patient per expected batch: the sites' 1-3 patients give
+# unequal sample rates.
+DP = (
+    "privacy.enabled=true",
+    "privacy.noise_multiplier=1.0",
+    'privacy.accountant="rdp"',
+    "privacy.batch_size=1",
+)
 
 
 def _expected_epsilon(site: Path, config_overrides: tuple[str, ...], rounds: int) -> float:
-    """Independent: Opacus' RDP functions on (sigma / sqrt(4 networks), batch / examples, steps)."""
+    """Independent: Opacus' RDP functions on (sigma / sqrt(2 networks: G_AB and D_B),
+    expected batch / patients, steps), the patients counted from the site's volumes."""
     config = tiny_config(*config_overrides)
-    examples = training_examples(site, config)
-    q = config.training.batch_size / examples
+    patients = training_patients(site, config)
+    q = min(1.0, (config.privacy.batch_size or config.training.batch_size) / patients)
     steps = rounds * config.federation.local_epochs * max(1, int(1 / q))
-    sigma = float(config.privacy.noise_multiplier or 0) / 2
+    sigma = float(config.privacy.noise_multiplier or 0) / math.sqrt(2)
     rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
     eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=config.privacy.delta)
     return float(eps)
@@ -448,7 +456,7 @@ def test_deployment_with_tls_and_node_auth_runs_two_rounds(deployment: Deploymen
     assert rounds[1]["bytes_down"] == dict.fromkeys(hospitals, payload)
     assert "round 2/2" in cluster.log("server")
     assert not (run / "superlink.pid").exists()
-    # Example-level DP: each site's cumulative epsilon, each round, as Opacus recomputes it.
+    # Patient-level DP: each site's cumulative epsilon, each round, as Opacus recomputes it.
     for r in rounds:
         for hospital in hospitals:
             expected = _expected_epsilon(deployment.data[hospital], DP, r["round"])

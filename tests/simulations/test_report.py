@@ -156,7 +156,7 @@ def make_results(privacy: bool) -> ExperimentResults:
         privacy=(
             {
                 "enabled": True,
-                "level": "sample",
+                "level": "patient",
                 "delta": 1e-5,
                 "noise_multiplier": 1.1,
                 "budget_epsilon": 4.0,
@@ -300,7 +300,7 @@ def test_privacy_on_lists_each_sites_final_epsilon(private: tuple[Path, str]) ->
     path, text = private
     body = section(text, "Privacy")
     assert "figures/epsilon.png" in body
-    assert "δ = 1e-05" in body and "sample" in body and "σ = 1.1" in body
+    assert "δ = 1e-05" in body and "unit: **patient-level**" in body and "σ = 1.1" in body
     rows = table(body)
     finals = {row[0]: row[1] for row in rows[1:]}
     assert finals == {site: f"{eps:.2f}" for site, eps in EPSILON[3].items()}
@@ -404,7 +404,7 @@ def test_grid_report_lists_every_cell_and_names_the_best(tmp_path: Path) -> None
     best = row_of(rows, "lr=2e-4")
     assert best[1] == f"**{MEANS[FEDERATED][0] + 1.5:.2f}**"
     assert best[-1] == "[report.md](../lr=2e-4/report.md)"
-    assert best[-3] == f"{max(EPSILON[3].values()):.2f}"
+    assert best[-3] == f"{max(EPSILON[3].values()):.2f} (patient-level)"
     assert "not run / failed" in row_of(rows, "lr=5e-4")[-1]
     assert "Best cell by federated mean masked PSNR: **lr=2e-4**" in text
     for link in figure_links(text):
@@ -420,7 +420,7 @@ def test_headline_lines_name_federated_and_smallest_local() -> None:
     smallest = next(line for line in lines if "smallest site" in line)
     assert "site-1" in smallest and "23.10" in smallest  # site-1: 4 training subjects
     assert "+6.58 dB vs untrained" in text
-    assert "worst epsilon 3.77" in text and "4 min 16 s" in text
+    assert "worst patient-level epsilon 3.77" in text and "4 min 16 s" in text
 
 
 def test_many_local_models_show_only_the_smallest_and_largest_in_figures(tmp_path: Path) -> None:
