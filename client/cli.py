@@ -95,7 +95,7 @@ def client_command(
     max_epsilon: Annotated[
         float | None,
         typer.Option(
-            help="This hospital's own privacy cap: refuse any round without example-level DP, "
+            help="This hospital's own privacy cap: refuse any round without DP-SGD at the site, "
             "or one that would take its epsilon past this (whatever the coordinator asks)."
         ),
     ] = None,

@@ -87,7 +87,8 @@ class SiteSettings:
             coordinator's checks.
         partition_id: simulation only, the index of this site in the run's site list.
         max_epsilon: the hospital's own privacy cap (``--max-epsilon``): it trains only under
-            example-level DP and never past this epsilon, whatever the coordinator's config says.
+            DP-SGD at the site (patient or slice level) and never past this epsilon, whatever
+            the coordinator's config says.
         misalignment: simulation only, this simulated site's misalignment of domain B (run
             config ``site-misalignment``, one level per site), in place of the coordinator's.
         threads: simulation only, torch threads for this site (its Ray CPU share).

@@ -251,7 +251,7 @@ def train_local(
 
     trainer = CycleGANTrainer(
         config.model,
-        config.training,
+        config.training.model_copy(update={"lr": config.site_lr}),  # privacy.lr under DP-SGD
         config.data.image_size,
         registration=config.registration_enabled,
         privacy=config.privacy,

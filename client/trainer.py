@@ -144,8 +144,8 @@ class CycleGANTrainer:
         registration: train R and use the correction loss (default: ``training.registration ==
             "on"``; callers with the whole run configuration pass ``registration_enabled``).
         device: override ``training.device``.
-        privacy: the run's privacy settings; with example-level DP the pool is off and
-            :meth:`make_private` must be called before training.
+        privacy: the run's privacy settings; with DP-SGD (patient or slice level) the pool is
+            off and :meth:`make_private` must be called before training.
     """
 
     def __init__(

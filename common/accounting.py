@@ -1,7 +1,7 @@
 """Epsilon from a history of Poisson-subsampled Gaussian mechanisms (Opacus' accountants).
 
-Shared by the sites (example-level DP-SGD) and the coordinator (site-level DP), which must not
-import each other's code.
+Shared by the sites (DP-SGD, patient- or slice-level) and the coordinator (site-level DP),
+which must not import each other's code.
 """
 
 from __future__ import annotations

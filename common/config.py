@@ -271,7 +271,7 @@ class PrivacyConfig(_Section):
     noise_multiplier: float | None = Field(
         None,
         ge=0.0,
-        description="Noise std over clipping bound; per private network (example level) or "
+        description="Noise std over clipping bound; per private network (DP-SGD) or "
         "on the sum of site updates (site level).",
     )
     target_epsilon: float | None = Field(
@@ -303,6 +303,12 @@ class PrivacyConfig(_Section):
         ge=1,
         description="Expected Poisson batch of DP-SGD: patients (level 'patient') or examples "
         "(level 'example'); default training.batch_size.",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="Learning rate of DP-SGD at the sites (default training.lr, which the "
+        "warm start and runs without DP keep).",
     )
     networks: Literal["objective", "all"] = Field(
         "objective",
@@ -578,6 +584,13 @@ class RunConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+    @property
+    def site_lr(self) -> float:
+        """The sites' learning rate: ``privacy.lr`` under DP-SGD when set, else ``training.lr``."""
+        if self.privacy.dp_sgd and self.privacy.lr is not None:
+            return self.privacy.lr
+        return self.training.lr
 
     @property
     def registration_enabled(self) -> bool:

@@ -256,7 +256,14 @@ def render_status(status: RunStatus, now: float | None = None) -> None:
     if status.online:
         console.print(f"online: {', '.join(status.online)}")
     if status.delta is not None:
-        console.print(f"privacy: epsilon below is cumulative per site, at delta {status.delta:g}")
+        unit = {
+            "patient": "per patient (the unit: every session of one subject at one hospital)",
+            "example": "per training slice (slice-level DP: no guarantee for a whole patient)",
+            "site": "per hospital (site-level DP on each hospital's whole participation)",
+        }.get(status.privacy_unit or "", "")
+        console.print(
+            f"privacy: epsilon below is cumulative per site, at delta {status.delta:g}, {unit}"
+        )
     timing = f"rounds complete: {status.completed}/{status.rounds}"
     if status.round_seconds:
         timing += (

@@ -476,8 +476,7 @@ class Coordinator:
     def _exchange(self, nodes: list[int], kind: str, round_number: int) -> Exchange:
         instruction = RoundInstruction(
             round=round_number,
-            lr=self.config.training.lr
-            * self.fed.round_lr_factor(round_number, self.config.training),
+            lr=self.config.site_lr * self.fed.round_lr_factor(round_number, self.config.training),
             local_epochs=self.fed.local_epochs,
             local_steps=self.fed.local_steps or 0,
             proximal_mu=self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0,

@@ -146,6 +146,7 @@ class RunStatus:
     sites: list[SiteStatus]
     delta: float | None
     notes: list[str] = field(default_factory=list)  # problems met while reading
+    privacy_unit: str | None = None  # what one epsilon protects: "patient", "example", "site"
     best_round: int | None = None  # the best round so far (server.checkpoint), None: unscored
     best_score: float | None = None  # its selection score, dB
     best_metric: str | None = None  # e.g. "eval/psnr_masked"
@@ -309,6 +310,7 @@ def read_status(run_dir: Path) -> RunStatus:
         rejected=rejected,
         sites=[sites[name] for name in sorted(sites)],
         delta=config.privacy.delta if config.privacy.enabled else None,
+        privacy_unit=config.privacy.level if config.privacy.enabled else None,
         notes=notes,
         best_round=best.round if best is not None else None,
         best_score=best.score if best is not None else None,

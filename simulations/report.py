@@ -39,6 +39,7 @@ from simulations.results import (
     NAIVE,
     POOLED,
     RESULTS_NAME,
+    STARTING_POINT,
     UNTRAINED,
     ExperimentResults,
     ModelResult,
@@ -69,6 +70,7 @@ _SAMPLES_PREFIX = "samples-"
 _FIXED_COLOURS = {
     UNTRAINED: "tab:gray",
     FEDERATED: "tab:blue",
+    STARTING_POINT: "tab:cyan",
     POOLED: "tab:green",
     CONSTANT: "silver",
     HISTOGRAM: "sienna",
@@ -696,6 +698,7 @@ def _load_cell(label: str, folder: Path) -> _Cell:
 
 _GRID_MODELS = (
     "federated",
+    STARTING_POINT,
     "pooled",
     "local (smallest site)",
     LOOKUP_TABLE,
@@ -708,6 +711,7 @@ _GRID_MODELS = (
 def _grid_models(results: ExperimentResults) -> list[ModelResult | None]:
     return [
         _trained(results.model(FEDERATED)),
+        _trained(results.model(STARTING_POINT)),
         _trained(results.model(POOLED)),
         _smallest_local(results),
         _trained(results.model(LOOKUP_TABLE)),
@@ -787,6 +791,7 @@ def _grid_figure(cells: Sequence[_Cell], figures: _FigureWriter) -> str | None:
     fig, axes = _new_figure(max(6.0, 1.3 * len(cells) + 2.5), 3.4, 1)
     colours = [
         _FIXED_COLOURS[FEDERATED],
+        _FIXED_COLOURS[STARTING_POINT],
         _FIXED_COLOURS[POOLED],
         _cycle(0),
         _FIXED_COLOURS[LOOKUP_TABLE],

@@ -26,6 +26,8 @@ RESULTS_NAME = "results.json"
 # The naive baselines of common.baselines (NAIVE: CONSTANT, HISTOGRAM, LOOKUP_TABLE) are fitted
 # from the training sites' summed intensity statistics, with no training.
 UNTRAINED = "untrained"
+# The generators round 1 started from, when not random (a warm start or initial_generators).
+STARTING_POINT = "starting point"
 FEDERATED = "federated"
 POOLED = "pooled"
 LOCAL_PREFIX = "local:"
@@ -89,7 +91,7 @@ class RoundPoint(_Model):
 class ModelResult(_Model):
     """One trained (or untrained) model, evaluated on every site's held-out test subjects."""
 
-    name: str  # UNTRAINED, FEDERATED, POOLED, local_model(site) or one of NAIVE
+    name: str  # UNTRAINED, STARTING_POINT, FEDERATED, POOLED, local_model(site) or one of NAIVE
     per_site: dict[str, dict[str, float]] = Field(default_factory=dict)
     mean: dict[str, float] = Field(default_factory=dict)  # test-slice-weighted over sites
     train_seconds: float = 0.0

@@ -66,6 +66,7 @@ from server.checkpoint import (
     read_best,
     round_dir,
 )
+from server.coordinator import RUN_FILE
 from simulations.federated import simulate
 from simulations.inprocess import simulate_in_process
 from simulations.partition import (
@@ -83,6 +84,7 @@ from simulations.results import (
     LOOKUP_TABLE,
     NAIVE,
     POOLED,
+    STARTING_POINT,
     UNTRAINED,
     ExperimentResults,
     ModelResult,
@@ -393,6 +395,26 @@ def _untrained(config: RunConfig) -> Translate:
         return torch.cat(parts).numpy()
 
     return translate
+
+
+def _starting_point(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint round 1 started from (``run.json``), with what it was; None: random."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.exists():
+        return None
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    start = run.get("initial_generators")
+    if not start:
+        return None
+    warm = run.get("warm_start")
+    info = dict(warm or {})
+    info["what"] = (
+        f"the phantom warm start ({warm['steps']} steps on {warm['subjects']} phantom subjects, "
+        "no site data)"
+        if warm
+        else f"federation.initial_generators ({start['kind']} checkpoint)"
+    )
+    return Path(start["path"]), info
 
 
 def _checkpoint(path: Path) -> Translate:
@@ -751,8 +773,27 @@ def run_experiment(
     per_site, mean = tests.evaluate(untrained_translate)
     models.insert(0, ModelResult(name=UNTRAINED, per_site=per_site, mean=mean))
     run_dir = folder / "federated"
-    rounds = _rounds(run_dir, tests, {"per_site": per_site, "mean": mean})
+    round_zero = {"per_site": per_site, "mean": mean}
     translators: dict[str, Translate] = {UNTRAINED: untrained_translate}
+    starting = _starting_point(run_dir)
+    if starting is not None:  # round 0 is what the sites received first, not random weights
+        start_checkpoint, start_info = starting
+        translators[STARTING_POINT] = _checkpoint(start_checkpoint)
+        per_site, mean = tests.evaluate(translators[STARTING_POINT])
+        round_zero = {"per_site": per_site, "mean": mean}
+        models.insert(
+            1,
+            ModelResult(
+                name=STARTING_POINT,
+                per_site=per_site,
+                mean=mean,
+                train_seconds=float(start_info.get("seconds", 0.0)),
+                steps=int(start_info.get("steps", 0)),
+                checkpoint=str(start_checkpoint),
+                selected=start_info["what"],
+            ),
+        )
+    rounds = _rounds(run_dir, tests, round_zero)
     last = latest_round(run_dir)
     if last is not None:
         chosen, checkpoint, selected = _selected_round(run_dir, last, config)

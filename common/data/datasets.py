@@ -3,7 +3,8 @@
 :class:`TrainingSlices` is what sites train on: a session's two contrasts at one slice position
 (weakly paired), or, for sessions missing a modality, slice ``i`` of domain A with a slice of
 domain B chosen by a per-epoch permutation (unpaired; :class:`UnpairedSlices` alone is plain
-CycleGAN's sampling). One example is the unit of privacy under example-level DP-SGD.
+CycleGAN's sampling). One example is the unit of privacy under slice-level DP-SGD
+(``privacy.level = "example"``); :class:`PatientSlices` makes the patient the unit.
 Everything random (B's permutation, misalignment) is a function of (seed, epoch, index), so a
 run is reproducible and a resumed epoch sees the same examples.
 """

@@ -164,3 +164,12 @@ def test_resolved_config_round_trips_and_marks_differences(tmp_path: Path) -> No
     assert reloaded.model_dump() == config.model_dump()
     assert tomllib.loads(text)["privacy"]["target_epsilon"] == 8
     assert dumps_config(reloaded).split("\n\n", 1)[1] == text.split("\n\n", 1)[1]
+
+
+def test_dp_sites_train_at_privacy_lr_and_everything_else_at_training_lr() -> None:
+    private = ["privacy.enabled=true", "privacy.noise_multiplier=1", "privacy.lr=1e-4"]
+    assert load_config(overrides=private, environ={}).site_lr == 1e-4
+    off = load_config(overrides=["privacy.lr=1e-4", "training.lr=3e-4"], environ={})
+    assert off.site_lr == 3e-4  # privacy off: privacy.lr does not apply
+    site = load_config(overrides=[*private, "privacy.level=site"], environ={})
+    assert site.site_lr == site.training.lr  # site-level DP has no DP-SGD at the sites

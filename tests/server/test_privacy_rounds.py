@@ -24,7 +24,9 @@ from common.config import RunConfig
 from common.federation import ARRAYS, METRICS, from_record
 from common.synthesis import Synthesizer
 from server.checkpoint import round_dir
+from server.cli import console, render_status
 from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
+from server.status import read_status
 from simulations.inprocess import InProcessGrid, tiny_config
 from tests.conftest import training_examples, training_patients
 
@@ -135,6 +137,11 @@ def test_each_site_reports_cumulative_epsilon_that_opacus_recomputes(
         )
         assert meta["privacy"]["worst_epsilon"] == pytest.approx(summary.worst_epsilon)
         assert meta["privacy"]["delta"] == config.privacy.delta
+    # `fedsynth status` says what one epsilon protects.
+    with console.capture() as shown:
+        render_status(read_status(tmp_path / "run"))
+    unit = {"patient": "per patient", "example": "per training slice"}[level]
+    assert f"cumulative per site, at delta 1e-05, {unit}" in shown.get()
     lines = (tmp_path / "run" / ROUNDS_LOG).read_text().splitlines()
     assert [json.loads(line)["worst_epsilon"] for line in lines] == [
         s.worst_epsilon for s in summaries
@@ -265,13 +272,19 @@ def test_a_local_run_stops_at_the_epoch_that_would_pass_the_budget(
 
 
 def test_private_training_replies_carry_no_losses(sites: list[Path], tmp_path: Path) -> None:
-    config = _config("federation.rounds=1", "federation.min_sites=3")
+    """... and the sites train at privacy.lr, not training.lr."""
+    config = _config("federation.rounds=1", "federation.min_sites=3", "privacy.lr=3e-4")
+    assert config.training.lr != 3e-4
     grid = _grid(sites, tmp_path)
     Coordinator(grid, config, tmp_path / "run").run()
+    factor = config.federation.round_lr_factor(1, config.training)
     for _, reply in grid.replies:
-        keys = set(reply.content.metric_records[METRICS])
+        metrics = reply.content.metric_records[METRICS]
+        keys = set(metrics)
         assert not any(k.startswith("loss_") for k in keys), keys
         assert {"epsilon", "delta", "num-examples"} <= keys
+        if reply.metadata.message_type == "train":
+            assert float(metrics["lr"]) == pytest.approx(3e-4 * factor)
 
 
 def test_site_level_dp_clips_at_the_site_and_noises_the_unweighted_mean(

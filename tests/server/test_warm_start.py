@@ -76,6 +76,13 @@ def test_the_coordinator_warm_starts_on_the_phantom_with_no_site_present(
     assert warm_start.warm_start_key(tiny_config(*WARM, "training.lr=1e-3")) != (
         warm_start.warm_start_key(config)
     )
+    # The sites' DP settings do not change what the public start is.
+    private = tiny_config(*WARM, "privacy.enabled=true", "privacy.target_epsilon=8")
+    tuned = tiny_config(
+        *WARM, "privacy.enabled=true", "privacy.target_epsilon=4", "privacy.lr=1e-4"
+    )
+    assert warm_start.warm_start_key(private) == warm_start.warm_start_key(tuned)
+    assert warm_start.warm_start_key(private) == warm_start.warm_start_key(config)
     assert not list(cache.glob(".phantom-*"))  # no half-written folder left behind
 
 

@@ -285,6 +285,41 @@ def test_simulate_end_to_end(tmp_path: Path) -> None:
     assert refused.exit_code == 1 and "--resume" in refused.output
 
 
+def test_a_warm_started_experiment_scores_its_starting_point_as_round_zero(
+    tmp_path: Path,
+) -> None:
+    """With ``federation.warm_start``, round 0 of the curve is the warm start the sites first
+    received (scored as the model "starting point"), not random weights."""
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+    from simulations.results import STARTING_POINT, ExperimentResults
+
+    folder = tmp_path / "exp"
+    args = [
+        "simulate", "--run-dir", str(folder), "--preset", "cpu-small",
+        "--set", "data.spacing_mm=[6, 6, 6]", "--set", "data.image_size=32",
+        "--set", "model.ngf=8", "--set", "model.ndf=8", "--set", "model.d_layers=1",
+        "--set", "federation.rounds=1", "--set", "federation.local_steps=2",
+        "--set", "federation.warm_start=phantom", "--set", "federation.warm_start_steps=6",
+        "--set", "federation.warm_start_subjects=2",
+        "--set", "simulation.num_sites=2", "--set", "simulation.subjects=[2, 1]",
+        "--set", "simulation.phantom_voxel_mm=4", "--set", "simulation.engine=inprocess",
+        "--set", "simulation.baselines=[]",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = ExperimentResults.read(folder)
+    start = results.model(STARTING_POINT)
+    untrained = results.model("untrained")
+    assert start is not None and untrained is not None and start.steps == 6
+    assert start.selected is not None and "no site data" in start.selected
+    assert results.rounds[0].mean == start.mean != untrained.mean
+    run = json.loads((folder / "federated" / "run.json").read_text())
+    assert start.checkpoint == run["initial_generators"]["path"]
+    assert (folder / "federated").parent / "warm-starts" in Path(start.checkpoint).parents
+
+
 def test_results_keep_nan_and_inf_through_json(tmp_path: Path) -> None:
     from simulations.results import ExperimentResults, ModelResult, SplitSummary
 
