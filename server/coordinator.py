@@ -284,7 +284,7 @@ class Coordinator:
         start = self._starting_point()
         if start is not None:
             run_info["initial_generators"] = self._start_from(start)
-        if self.fed.warm_start != "none" and start is not None:
+        if self.config.phantom_warm_start and start is not None:
             run_info["warm_start"] = warm_start.describe(start)
         write_resolved_config(self.config, self.run_dir)
         atomic_write_text(run_file, json.dumps(run_info, indent=2) + "\n")
@@ -294,7 +294,7 @@ class Coordinator:
         """Round 1's generators: ``initial_generators``, the phantom warm start, or None."""
         if self.fed.initial_generators is not None:
             return Path(self.fed.initial_generators)
-        if self.fed.warm_start == "phantom":
+        if self.config.phantom_warm_start:
             # By default beside the run folder, so that the runs of one experiment share it.
             cache = self.fed.warm_start_cache or self.run_dir.parent / WARM_STARTS
             return warm_start.phantom_warm_start(self.config, Path(cache))

@@ -39,6 +39,8 @@ TINY = [
     "model.ndf=8",
     "model.d_layers=1",
     "training.batch_size=4",
+    # Tests start from random weights unless they ask for the warm start (DP would turn it on).
+    "federation.warm_start=none",
 ]
 
 

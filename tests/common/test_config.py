@@ -173,3 +173,16 @@ def test_dp_sites_train_at_privacy_lr_and_everything_else_at_training_lr() -> No
     assert off.site_lr == 3e-4  # privacy off: privacy.lr does not apply
     site = load_config(overrides=[*private, "privacy.level=site"], environ={})
     assert site.site_lr == site.training.lr  # site-level DP has no DP-SGD at the sites
+
+
+def test_the_phantom_warm_start_is_on_by_default_under_dp_sgd_only(tmp_path: Path) -> None:
+    dp = ["privacy.enabled=true", "privacy.noise_multiplier=1"]
+
+    def warm(*overrides: str) -> bool:
+        return load_config(overrides=list(overrides), environ={}).phantom_warm_start
+
+    assert warm(*dp) and warm(*dp, "privacy.level=example")
+    assert not warm() and not warm(*dp, "privacy.level=site")
+    assert not warm(*dp, "federation.warm_start=none")
+    assert warm("federation.warm_start=phantom")  # also without DP, when asked
+    assert not warm(*dp, f"federation.initial_generators={tmp_path}")  # a start was given
