@@ -40,7 +40,7 @@ TINY = [
     "model.d_layers=1",
     "training.batch_size=4",
     # Tests start from random weights unless they ask for the warm start (DP would turn it on).
-    "federation.warm_start=none",
+    'federation.warm_start="none"',  # quoted: TINY also goes into TOML files
 ]
 
 
