@@ -434,8 +434,7 @@ class PatientPoissonLoader:
     def __init__(self, patients: PatientSlices, plan: NoisePlan, *, seed: int, epoch: int = 0):
         if plan.unit != "patient":
             raise ValueError(f"the noise plan samples {plan.unit}s, not patients")
-        self.patients = patients
-        self.dataset = patients
+        self.dataset = patients  # the trainer calls its set_epoch, as for a DataLoader
         self.sample_rate = plan.sample_rate
         self.seed = seed
         self.epoch = epoch
@@ -448,7 +447,7 @@ class PatientPoissonLoader:
         """The patients (indices) of each step's batch."""
         generator = torch.Generator().manual_seed(self.seed)
         for _ in range(self.steps):
-            drawn = torch.rand(len(self.patients), generator=generator) < self.sample_rate
+            drawn = torch.rand(len(self.dataset), generator=generator) < self.sample_rate
             yield drawn.nonzero().flatten().tolist()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -456,15 +455,17 @@ class PatientPoissonLoader:
             if not chosen:
                 yield {}
                 continue
-            items = [self.patients.example(i, (self.epoch, step)) for i in chosen]
+            items = [self.dataset.example(i, (self.epoch, step)) for i in chosen]
             yield default_collate(items)
 
 
 def private_population(
     dataset: TrainingSlices, privacy: PrivacyConfig
 ) -> TrainingSlices | PatientSlices:
-    """What DP-SGD samples from: the site's patients (level ``"patient"``) or its examples."""
-    if privacy.level != "patient":
+    """What DP-SGD samples from: the site's patients (level ``"patient"``) or its examples.
+
+    Without patient-level DP the examples as they are (nothing is grouped, nothing logged)."""
+    if not privacy.patient_level:
         return dataset
     from common.data.datasets import PatientSlices
 

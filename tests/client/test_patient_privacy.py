@@ -170,6 +170,7 @@ def test_private_population_is_patients_at_patient_level_and_examples_otherwise(
     site = _site()
     assert isinstance(private_population(site, _privacy()), PatientSlices)
     assert private_population(site, _privacy(level="example")) is site
+    assert private_population(site, _privacy(enabled=False)) is site  # no DP: nothing grouped
 
 
 def _clipped_sums(trainer: CycleGANTrainer, batch: dict[str, torch.Tensor]) -> dict:
