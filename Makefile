@@ -33,7 +33,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy reads the package as it is installed (fedsynth/server, ...): links in .venv/mypy-path/.
 typecheck: $(STAMP)
+	mkdir -p $(VENV)/mypy-path/fedsynth
+	for folder in cli client common server simulations; do \
+		ln -sfn "$(CURDIR)/$$folder" "$(VENV)/mypy-path/fedsynth/$$folder"; done
 	$(BIN)/mypy
 
 pytest: $(STAMP)

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common.config import load_config
-from common.data.preprocess import SliceCache, preprocess_scan
-from common.modalities import Modality
-from common.phantom import generate_consortium
+from fedsynth.common.config import load_config
+from fedsynth.common.data.preprocess import SliceCache, preprocess_scan
+from fedsynth.common.modalities import Modality
+from fedsynth.common.phantom import generate_consortium
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri"
 

@@ -37,13 +37,13 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from common.config import load_config
-from common.flower import free_port
-from common.phantom import generate_consortium
-from server.certs import make_certificates
-from server.checkpoint import round_dir
-from server.coordinator import Coordinator
-from simulations.inprocess import InProcessGrid
+from fedsynth.common.config import load_config
+from fedsynth.common.flower_processes import free_port
+from fedsynth.common.phantom import generate_consortium
+from fedsynth.server.certs import make_certificates
+from fedsynth.server.coordinator import Coordinator
+from fedsynth.server.round_store import round_dir
+from fedsynth.simulations.engines.inprocess import InProcessGrid
 
 FEDSYNTH = str(Path(sys.executable).parent / "fedsynth")
 

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FEDSYNTH = [sys.executable, "-m", "simulations.cli"]
+FEDSYNTH = [sys.executable, "-m", "fedsynth.cli"]
 
 
 def measure(argv: list[str], cwd: Path) -> tuple[float, float, int]:

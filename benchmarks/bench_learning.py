@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.local import train_local
-from common.baselines import HistogramMatcher
-from common.config import load_config
-from common.data.site import load_site
-from common.evaluation import evaluate_pairs, site_pairs
-from common.models import define_generator, init_weights
-from common.synthesis import Synthesizer
+from fedsynth.client.local import train_local
+from fedsynth.common.baselines import HistogramMatcher
+from fedsynth.common.config import load_config
+from fedsynth.common.data.site import load_site
+from fedsynth.common.evaluation import evaluate_pairs, site_pairs
+from fedsynth.common.models import define_generator, init_weights
+from fedsynth.common.synthesis import Synthesizer
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Run from the project root:
 Every scan of ../shared/data is reoriented to RAS and resampled (bilinear, as ``Spacingd`` in the
 recipe) to ``--spacing`` mm. *Before* is the recipe as it was: no pre-filter, the old mask (half
 of Otsu's threshold on the non-minimum voxels, opened, largest component, filled) and the mask's
-0.5 / 99.5 percentiles mapped to -1 / 1. *After* is :mod:`common.data.masks`: Gaussian
+0.5 / 99.5 percentiles mapped to -1 / 1. *After* is :mod:`fedsynth.common.data.masks`: Gaussian
 pre-filter, :func:`subject_mask`, :func:`standardisation_range`. Prints Markdown tables (copy
 them to BENCHMARKS.md); ``--png-dir`` also writes middle slices of the raw site-e scans with both
 masks' contours (before red, after green).
@@ -33,7 +33,7 @@ from monai.data import MetaTensor
 from monai.transforms import Spacingd
 from scipy import ndimage
 
-from common.data.masks import (
+from fedsynth.common.data.masks import (
     TISSUE_PERCENTILE,
     antialias,
     dark_interior_fraction,
@@ -42,7 +42,7 @@ from common.data.masks import (
     standardisation_range,
     subject_mask,
 )
-from common.modalities import Modality
+from fedsynth.common.modalities import Modality
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PERCENTILES = (0.5, 99.5)

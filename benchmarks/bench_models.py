@@ -26,12 +26,17 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from client.trainer import CycleGANTrainer
-from common.checkpoint import CheckpointMetadata, save_checkpoint
-from common.config import RunConfig, load_config
-from common.losses import cycle_loss, discriminator_loss, generator_adversarial_loss, identity_loss
-from common.models import define_discriminator, define_generator, init_weights
-from common.synthesis import Synthesizer
+from fedsynth.client.trainer import CycleGANTrainer
+from fedsynth.common.checkpoint import CheckpointMetadata, save_checkpoint
+from fedsynth.common.config import RunConfig, load_config
+from fedsynth.common.losses import (
+    cycle_loss,
+    discriminator_loss,
+    generator_adversarial_loss,
+    identity_loss,
+)
+from fedsynth.common.models import define_discriminator, define_generator, init_weights
+from fedsynth.common.synthesis import Synthesizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri"
 

@@ -5,13 +5,13 @@ Run from the project root (the figures in BENCHMARKS.md, "Choosing cpu-small"):
     .venv/bin/python -m benchmarks.bench_presets --out runs/presets
 
 Every candidate is a set of overrides on the ``cpu-small`` preset. Each trains one pooled model
-(``train-local`` over every site, the centralised upper bound of a federation) on the training
-part of the real sites: ``brain-mri/site-a..d`` and the raw clinical ``site-e``. Each site keeps
-its validation part out (``data.validation_fraction``, :mod:`common.data.validation`), and the
+(``train-local`` over every site, the centralised upper bound of a federation) on the training part
+of the real sites: ``brain-mri/site-a..d`` and the raw clinical ``site-e``. Each site keeps its
+validation part out (``data.validation_fraction``, :mod:`fedsynth.common.data.validation`), and the
 model is scored there: the epoch chosen by that validation score (``checkpoint-best``), in the
-source scan's mask. The naive baselines (constant, histogram matching, lookup table), fitted on
-the same training parts' statistics, are scored on the same validation slices. No test site is
-read: the study (``benchmarks.study_real``) scores what this chooses on left-out sites.
+source scan's mask. The naive baselines (constant, histogram matching, lookup table), fitted on the
+same training parts' statistics, are scored on the same validation slices. No test site is read: the
+study (``benchmarks.study_real``) scores what this chooses on left-out sites.
 
 Prints one row per candidate and writes ``results.json`` in ``--out``; finished candidates are
 reused when the command runs again.
@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.local import load_sites, train_local, training_sites
-from common.baselines import IntensityStats, fit_baselines, site_statistics
-from common.config import RunConfig, load_config
-from common.data.validation import validation_pairs
-from common.evaluation import evaluate_pairs, evaluate_predictor
-from common.io import atomic_write_text
-from common.synthesis import Synthesizer
+from fedsynth.client.local import load_sites, train_local, training_sites
+from fedsynth.common.baselines import IntensityStats, fit_baselines, site_statistics
+from fedsynth.common.config import RunConfig, load_config
+from fedsynth.common.data.validation import validation_pairs
+from fedsynth.common.evaluation import evaluate_pairs, evaluate_predictor
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.synthesis import Synthesizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SITES = (

@@ -52,9 +52,9 @@ def _rss_mb() -> float:
 
 def one_variant(overrides: list[str], steps: int) -> dict[str, float]:
     """Time ``steps`` training steps of one variant in this process; measure its memory."""
-    from client.privacy import plan_noise
-    from client.trainer import CycleGANTrainer
-    from common.config import load_config
+    from fedsynth.client.privacy import plan_noise
+    from fedsynth.client.trainer import CycleGANTrainer
+    from fedsynth.common.config import load_config
 
     opacus_samplers = "+opacus-samplers" in overrides
     overrides = [o for o in overrides if not o.startswith("+")]
@@ -71,9 +71,9 @@ def one_variant(overrides: list[str], steps: int) -> dict[str, float]:
     )
     if config.privacy.enabled:
         if opacus_samplers:  # keep Opacus' own registry (unfold for Conv2d, functorch otherwise)
-            import client.privacy
+            import fedsynth.client.privacy
 
-            client.privacy.install_grad_samplers = lambda: None  # type: ignore[assignment]
+            fedsynth.client.privacy.install_grad_samplers = lambda: None  # type: ignore[assignment]
         trainer.make_private(
             plan_noise(
                 config.privacy,
@@ -132,11 +132,11 @@ def bench_step(steps: int, repeats: int) -> None:
 
 
 def bench_utility(site: Path, evals: list[Path], epsilons: list[float], extra: list[str]) -> None:
-    from client.local import train_local
-    from common.config import load_config
-    from common.evaluation import evaluate_pairs, site_pairs
-    from common.models import define_cyclegan
-    from common.synthesis import Synthesizer
+    from fedsynth.client.local import train_local
+    from fedsynth.common.config import load_config
+    from fedsynth.common.evaluation import evaluate_pairs, site_pairs
+    from fedsynth.common.models import define_cyclegan
+    from fedsynth.common.synthesis import Synthesizer
 
     rows = []
     base = load_config(preset="cpu-small", overrides=list(extra), environ={})

@@ -23,8 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.inprocess import tiny_config
-from simulations.run import run_experiment
+from fedsynth.simulations.engines.inprocess import tiny_config
+from fedsynth.simulations.run import run_experiment
 
 
 def _children() -> dict[int, list[int]]:

@@ -10,16 +10,16 @@ clinical scans: each contrast on its own grid, misaligned, some subjects missing
 co-registered copy ``site-e-coreg``, and, for MRI -> CT, ``<data>/brain-ct/site-ct``.
 
 * **Leave one site out.** For every MRI site and every direction (T1w->T2w, then T1w->FLAIR),
-  ``fedsynth simulate``'s experiment (:func:`simulations.run.run_experiment`) trains on the other
-  sites as they are (the natural split, no held-out subjects) and evaluates on the left-out site
-  (``--eval-site``): the federation on Flower's simulation engine, a local-only model per
-  training site and the pooled model, with the federation's compute. Sites train on what they
-  hold: a session's contrasts as weakly paired examples (the raw clinical site's brought onto
-  one grid by their scanner affines), the rest unpaired (:mod:`common.data.pairing`). Each model
-  is the one its training sites' own validation data chose (best round or epoch). The clinical
-  site trains on its raw scans and is scored, when left out, on its co-registered copy; the
-  copy is never trained on.
-* **Naive baselines** (:mod:`common.baselines`), fitted from the training sites' intensity
+  ``fedsynth simulate``'s experiment (:func:`fedsynth.simulations.run.run_experiment`) trains on the
+  other sites as they are (the natural split, no held-out subjects) and evaluates on the left-out
+  site (``--eval-site``): the federation on Flower's simulation engine, a local-only model per
+  training site and the pooled model, with the federation's compute. Sites train on what they hold:
+  a session's contrasts as weakly paired examples (the raw clinical site's brought onto one grid by
+  their scanner affines), the rest unpaired (:mod:`fedsynth.common.data.pairing`). Each model is the
+  one its training sites' own validation data chose (best round or epoch). The clinical site trains
+  on its raw scans and is scored, when left out, on its co-registered copy; the copy is never
+  trained on.
+* **Naive baselines** (:mod:`fedsynth.common.baselines`), fitted from the training sites' intensity
   statistics (each site's own, summed as a coordinator would) and scored on the left-out site's
   pairs in the same mask: the training sites' mean target intensity (constant), histogram
   matching of the left-out site's T1w onto the training target intensities, and the lookup
@@ -69,17 +69,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from client.local import train_local
-from common.baselines import BASELINE_NAMES, CONSTANT, HISTOGRAM, LOOKUP_TABLE, Predictor
-from common.config import RunConfig, load_config
-from common.data.datasets import PairedSlices
-from common.data.discovery import discover_site
-from common.evaluation import evaluate_predictor, site_pairs
-from common.flower import FlowerError
-from common.io import READABLE, atomic_save, atomic_write_text
-from common.modalities import Direction, Modality
-from common.synthesis import Synthesizer
-from simulations.results import (
+from fedsynth.client.local import train_local
+from fedsynth.common.baselines import BASELINE_NAMES, CONSTANT, HISTOGRAM, LOOKUP_TABLE, Predictor
+from fedsynth.common.config import RunConfig, load_config
+from fedsynth.common.data.datasets import PairedSlices
+from fedsynth.common.data.discovery import discover_site
+from fedsynth.common.evaluation import evaluate_predictor, site_pairs
+from fedsynth.common.flower_processes import FlowerError
+from fedsynth.common.io import READABLE, atomic_save, atomic_write_text
+from fedsynth.common.modalities import Direction, Modality
+from fedsynth.common.synthesis import Synthesizer
+from fedsynth.simulations.results import (
     FEDERATED,
     LOCAL_PREFIX,
     POOLED,
@@ -87,7 +87,7 @@ from simulations.results import (
     ExperimentResults,
     sample_key,
 )
-from simulations.run import ExperimentError, naive_baselines, run_experiment, unseen_name
+from fedsynth.simulations.run import ExperimentError, naive_baselines, run_experiment, unseen_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """The hospital side as a Flower ``ClientApp``: train and evaluate, replying with scalars only.
 
-Each message is handled by :mod:`client.federated`. A site that cannot take part (no data for the
-direction, unusable scans, a broken instruction) replies with a Flower error whose reason names no
-path or subject; the full story goes to the site's own log. Unexpected exceptions are answered the
-same way rather than left to crash the app process, so the coordinator can log the site by name.
-A site whose privacy budget (the consortium's or its own ``--max-epsilon``) would be passed replies
-with ``SITE_BUDGET`` so the coordinator can tell a spent budget from a failure.
+Each message is handled by :mod:`fedsynth.client.site_round`. A site that cannot take part (no data
+for the direction, unusable scans, a broken instruction) replies with a Flower error whose reason
+names no path or subject; the full story goes to the site's own log. Unexpected exceptions are
+answered the same way rather than left to crash the app process, so the coordinator can log the site
+by name. A site whose privacy budget (the consortium's or its own ``--max-epsilon``) would be passed
+replies with ``SITE_BUDGET`` so the coordinator can tell a spent budget from a failure.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.audit import record_outgoing
-from client.federated import (
+from fedsynth.client.audit import record_outgoing
+from fedsynth.client.privacy import BudgetSpentError
+from fedsynth.client.site_round import (
     DiskStore,
     MemoryStore,
     SiteError,
@@ -29,8 +30,8 @@ from client.federated import (
     evaluate_round,
     train_round,
 )
-from client.privacy import BudgetSpentError
-from common.federation import (
+from fedsynth.common.logs import drop_opacus_root_handler
+from fedsynth.common.messages import (
     ARRAYS,
     CONFIG,
     METRICS,
@@ -42,7 +43,6 @@ from common.federation import (
     metrics_record,
     to_record,
 )
-from common.logs import drop_opacus_root_handler
 
 logger = logging.getLogger("fedsynth.client")
 
@@ -66,7 +66,7 @@ class ContextStore(MemoryStore):
 
 
 SITE_LOG = "site.log"
-_LOGGERS = ("client", "common", "fedsynth.client")  # where this process's messages come from
+_LOGGERS = ("fedsynth.client", "fedsynth.common")  # where this process's messages come from
 _FORMAT = "%(asctime)s %(levelname)s fedsynth: %(message)s"
 
 
@@ -79,7 +79,7 @@ def setup_site_logging(state_dir: Path | None) -> None:
     ``<state-dir>/site.log``, which stays with the site's state. Idempotent; a process that
     serves another state folder (simulation) switches its file.
     """
-    drop_opacus_root_handler()  # else every line would reach stderr twice (common.logs)
+    drop_opacus_root_handler()  # else every line would reach stderr twice (fedsynth.common.logs)
     formatter = logging.Formatter(_FORMAT)
     for name in _LOGGERS:
         target = logging.getLogger(name)

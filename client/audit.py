@@ -6,10 +6,10 @@ type, its error if any, and for every record the keys with their dtype and shape
 value (metrics) or their value's type (anything else). Array contents are never written: the log
 shows what left the site without being a copy of it.
 
-Weights travel packed (:mod:`common.wire`): the reply's arrays are one vector of numbers (and
-one of integers, if the networks have integer buffers), with no names. The log adds, under
-``packed``, which parameters those numbers are, with their shapes and dtypes, from the layout of
-the coordinator's message the reply answers (the site packs in that order).
+Weights travel packed (:mod:`fedsynth.common.wire`): the reply's arrays are one vector of numbers
+(and one of integers, if the networks have integer buffers), with no names. The log adds, under
+``packed``, which parameters those numbers are, with their shapes and dtypes, from the layout of the
+coordinator's message the reply answers (the site packs in that order).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from flwr.app import Context, Message
 
-from common.wire import LAYOUT, Slot, read_layout
+from fedsynth.common.wire import LAYOUT, Slot, read_layout
 
 Handler = Callable[[Message, Context], Message]
 

@@ -9,11 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.launch import INSECURE_WARNING, ClientOptions, run_supernode, supernode_command
-from client.local import train_local
-from common.checkpoint import CheckpointError
-from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
-from common.data.errors import SiteDataError
+from fedsynth.client.daemon import INSECURE_WARNING, ClientOptions, run_supernode, supernode_command
+from fedsynth.client.local import train_local
+from fedsynth.common.checkpoint import CheckpointError
+from fedsynth.common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
+from fedsynth.common.data.errors import SiteDataError
 
 console = Console()
 

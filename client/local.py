@@ -6,17 +6,17 @@ their numbers are comparable with a federated run's. A run folder holds the reso
 after every epoch, atomically) and, when the sites have paired subjects, ``evaluation.json``.
 
 Every site keeps a validation part of its weakly paired data out of training
-(:func:`common.data.validation.hold_out`, ``data.validation_fraction``, seeded by
+(:func:`fedsynth.common.data.validation.hold_out`, ``data.validation_fraction``, seeded by
 ``training.seed``, the same split a federated site makes). After every epoch the generators are
 scored on it (masked PSNR, the mean over each site's validation sessions, weighted across sites
 by validation slices, as the coordinator weights its sites); the best epoch's generators are
 kept in ``checkpoint-best/`` (same format as ``checkpoint/``, its metadata carrying the score)
 and described in ``best.json``. A resumed run keeps the best so far. Ties keep the earlier epoch.
 
-With ``privacy.level = "patient"`` (or ``"example"``) the run is DP-SGD (:mod:`client.privacy`)
-with the noise planned for ``training.epochs`` epochs of ``1 / q`` Poisson batches; each epoch's
-line and the checkpoint carry the cumulative epsilon, and training stops early, with a warning,
-at the epoch that would pass ``privacy.budget_epsilon``.
+With ``privacy.level = "patient"`` (or ``"example"``) the run is DP-SGD
+(:mod:`fedsynth.client.privacy`) with the noise planned for ``training.epochs`` epochs of ``1 / q``
+Poisson batches; each epoch's line and the checkpoint carry the cumulative epsilon, and training
+stops early, with a warning, at the epoch that would pass ``privacy.budget_epsilon``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client.privacy import (
+from fedsynth.client.privacy import (
     BudgetSpentError,
     NoisePlan,
     check_budget,
@@ -42,21 +42,21 @@ from client.privacy import (
     private_loader,
     private_population,
 )
-from client.trainer import CycleGANTrainer
-from common.baselines import baseline_statistics
-from common.checkpoint import (
+from fedsynth.client.trainer import CycleGANTrainer
+from fedsynth.common.baselines import baseline_statistics
+from fedsynth.common.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
     OutputScale,
     read_metadata,
     save_checkpoint,
 )
-from common.config import RunConfig, write_resolved_config
-from common.data.datasets import PairedSlices, TrainingSlices, training_set
-from common.data.site import SiteData, Volume, load_site
-from common.data.validation import hold_out, validation_pairs
-from common.evaluation import EvaluationReport, evaluate_pairs, pairs_by_subject
-from common.io import atomic_write_text
+from fedsynth.common.config import RunConfig, write_resolved_config
+from fedsynth.common.data.datasets import PairedSlices, TrainingSlices, training_set
+from fedsynth.common.data.site import SiteData, Volume, load_site
+from fedsynth.common.data.validation import hold_out, validation_pairs
+from fedsynth.common.evaluation import EvaluationReport, evaluate_pairs, pairs_by_subject
+from fedsynth.common.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def train_local(
         output_scale=output_scale(domain_b),
         sites=[s.name for s in sites],
         # The training parts' intensity statistics: `fedsynth evaluate` scores the naive
-        # baselines beside this model from them (no image, see common.baselines).
+        # baselines beside this model from them (no image, see fedsynth.common.baselines).
         baselines=baseline_statistics(sites),
     )
     checkpoint = run_dir / CHECKPOINT_DIR

@@ -27,7 +27,7 @@ carries 17-30 % of its loss: enough to keep it dark, too little to outweigh the 
 R and the correction loss never see an unpaired example, not even in a forward pass: between
 unrelated slices they reward a blurred mean image. Every L1 comparison (cycle, identity, paired,
 correction) weighs a pixel by ``mask + background_weight * (1 - mask)`` of the image it compares
-against and is normalised per example (:func:`common.losses.weighted_l1_loss`); adversarial
+against and is normalised per example (:func:`fedsynth.common.losses.weighted_l1_loss`); adversarial
 losses are unweighted. Each objective is computed on its own sub-batch only, and a mixed batch's
 loss is ``(n_p * L_paired + n_u * L_unpaired) / N``: still the mean of the examples' own losses,
 which Opacus' ``loss_reduction="mean"`` relies on.
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.config import TrainingConfig
-from common.losses import (
+from fedsynth.common.config import TrainingConfig
+from fedsynth.common.losses import (
     cycle_loss,
     generator_adversarial_loss,
     identity_loss,
@@ -51,7 +51,7 @@ from common.losses import (
     registration_correction_loss,
     smoothness_loss,
 )
-from common.models import flow_to_pixels, warp
+from fedsynth.common.models import flow_to_pixels, warp
 
 __all__ = [
     "Examples",

@@ -15,18 +15,18 @@ Gaussian with noise multiplier ``sigma / sqrt(m)``. The accountant records exact
 step per training step with the *effective* multiplier. The D step after the G step sees fakes
 made from the same examples, so it adds no new example to the batch.
 
-**Unit of privacy.** With ``privacy.level = "patient"`` (the default), a patient: every session
-of one subject. A step draws each of the site's patients independently with probability ``q``
+**Unit of privacy.** With ``privacy.level = "patient"`` (the default), a patient: every session of
+one subject. A step draws each of the site's patients independently with probability ``q``
 (:class:`PatientPoissonLoader`), and a drawn patient gives exactly one of its own weakly paired
-slices (:class:`~common.data.datasets.PatientSlices`), so one row of the batch is one patient
-and per-sample clipping bounds a patient's whole part of the step by ``C`` per network,
-whatever the patient's sessions and slices. Adding or removing a patient is then the
-add/remove-one adjacency the Poisson-subsampled Gaussian analysis assumes, and the accountant's
-epsilon is the patient's. With ``privacy.level = "example"`` the unit is one training example
-(the A slice and B slice at one index of :class:`~common.data.datasets.TrainingSlices`); a
-patient then fills many examples and :func:`patient_epsilon` gives only a group-privacy bound
-over them (:meth:`~common.data.datasets.TrainingSlices.max_examples_per_subject`), which is
-vacuous at any useful noise.
+slices (:class:`~fedsynth.common.data.datasets.PatientSlices`), so one row of the batch is one
+patient and per-sample clipping bounds a patient's whole part of the step by ``C`` per network,
+whatever the patient's sessions and slices. Adding or removing a patient is then the add/remove-one
+adjacency the Poisson-subsampled Gaussian analysis assumes, and the accountant's epsilon is the
+patient's. With ``privacy.level = "example"`` the unit is one training example (the A slice and B
+slice at one index of :class:`~fedsynth.common.data.datasets.TrainingSlices`); a patient then fills
+many examples and :func:`patient_epsilon` gives only a group-privacy bound over them
+(:meth:`~fedsynth.common.data.datasets.TrainingSlices.max_examples_per_subject`), which is vacuous
+at any useful noise.
 
 The accountant (``rdp`` or ``prv``, Opacus) and the noise plan persist in the site's state
 between rounds, so epsilon is cumulative over the whole federation.
@@ -46,14 +46,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from common.accounting import RDP_ORDERS, epsilon_of
-from common.config import PrivacyConfig
-from common.models.intensity import IntensityMap, intensity_map_grad_sample
+from fedsynth.common.accounting import RDP_ORDERS, epsilon_of
+from fedsynth.common.config import PrivacyConfig
+from fedsynth.common.models.intensity import IntensityMap, intensity_map_grad_sample
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
 
-    from common.data.datasets import PatientSlices, TrainingSlices
+    from fedsynth.common.data.datasets import PatientSlices, TrainingSlices
 
 # Opacus is imported where DP needs it, not with this module: it costs about 1.5 s of CPU per
 # import, and a site without DP (or the coordinator reading a budget) should not pay for it in
@@ -335,7 +335,7 @@ def _grouped_grad_sample(
 
 def install_grad_samplers() -> None:
     """Use the grouped-convolution samplers for every ``Conv2d`` / ``ConvTranspose2d``, and
-    register the intensity prior's exact sampler (:mod:`common.models.intensity`)."""
+    register the intensity prior's exact sampler (:mod:`fedsynth.common.models.intensity`)."""
     from opacus.grad_sample import GradSampleModule as _GradSampleModule
 
     _GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = conv2d_grad_sample
@@ -419,10 +419,10 @@ def poisson_loader(
 class PatientPoissonLoader:
     """Poisson sampling over patients: each step draws every patient with probability ``q``.
 
-    A drawn patient gives one example, :meth:`~common.data.datasets.PatientSlices.example` for
-    draw ``(epoch, step)``; a patient is never in a batch twice. ``1 / q`` steps make an epoch,
-    as in Opacus' ``UniformWithReplacementSampler`` (the same draws, ``rand < q`` per patient).
-    An empty batch comes out as ``{}``: the trainer then takes a pure-noise step.
+    A drawn patient gives one example, :meth:`~fedsynth.common.data.datasets.PatientSlices.example`
+    for draw ``(epoch, step)``; a patient is never in a batch twice. ``1 / q`` steps make an epoch,
+    as in Opacus' ``UniformWithReplacementSampler`` (the same draws, ``rand < q`` per patient). An
+    empty batch comes out as ``{}``: the trainer then takes a pure-noise step.
 
     Args:
         patients: the site's patients.
@@ -467,7 +467,7 @@ def private_population(
     Without patient-level DP the examples as they are (nothing is grouped, nothing logged)."""
     if not privacy.patient_level:
         return dataset
-    from common.data.datasets import PatientSlices
+    from fedsynth.common.data.datasets import PatientSlices
 
     patients = PatientSlices(dataset)
     if patients.left_out:
@@ -493,7 +493,7 @@ def private_loader(
     num_workers: int = 0,
 ) -> Iterable[Any]:
     """One epoch of Poisson batches over ``population`` (patients or examples)."""
-    from common.data.datasets import PatientSlices
+    from fedsynth.common.data.datasets import PatientSlices
 
     if isinstance(population, PatientSlices):
         return PatientPoissonLoader(population, plan, seed=seed, epoch=epoch)

@@ -6,10 +6,10 @@ call them G, F, D_Y, D_X) and, when the data is misaligned, the RegGAN registrat
 network keeps two later needs simple: per-network gradient clipping and per-network Opacus
 wrapping (every network that sees a real image gets its own private optimiser). The generators'
 objective depends on the kind of each example (weakly paired: pix2pix or RegGAN NC+R; unpaired:
-CycleGAN) and lives in :mod:`client.objectives`; R only ever sees paired examples.
+CycleGAN) and lives in :mod:`fedsynth.client.objectives`; R only ever sees paired examples.
 
-Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`client.privacy`) every network is an
-Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
+Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`fedsynth.client.privacy`) every network is
+an Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
 
 * discriminators are "frozen" during the generator update by a context that disables their hooks
   (so the generator's backward does not accumulate per-sample gradients in D); without DP it turns
@@ -53,15 +53,15 @@ from torch import nn
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
 
-from client.objectives import Examples, Objective, generator_objective, merge_metrics
-from common.config import ModelConfig, PrivacyConfig, TrainingConfig
-from common.device import resolve_device
-from common.io import atomic_save
-from common.losses import discriminator_loss
-from common.models import define_cyclegan, freeze_encoder
+from fedsynth.client.objectives import Examples, Objective, generator_objective, merge_metrics
+from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
+from fedsynth.common.device import resolve_device
+from fedsynth.common.io import atomic_save
+from fedsynth.common.losses import discriminator_loss
+from fedsynth.common.models import define_cyclegan, freeze_encoder
 
 if TYPE_CHECKING:
-    from client.privacy import NoisePlan, SiteAccountant
+    from fedsynth.client.privacy import NoisePlan, SiteAccountant
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class CycleGANTrainer:
         made from one), so every one of them becomes private; a frozen one (G_BA and D_A in
         one-way training) reads nothing and stays as it is.
         """
-        from client.privacy import SiteAccountant, make_private
+        from fedsynth.client.privacy import SiteAccountant, make_private
 
         if self.privacy is None:
             raise ValueError(
@@ -358,8 +358,8 @@ class CycleGANTrainer:
         """One update of the generators (and R), then of both discriminators.
 
         ``batch``: ``"a"``, ``"b"``, optional ``"a_mask"``, ``"b_mask"``, ``"paired"`` (see
-        :class:`~client.objectives.Examples`). Under DP a Poisson batch (possibly empty), and
-        the step is recorded by the site's accountant.
+        :class:`~fedsynth.client.objectives.Examples`). Under DP a Poisson batch (possibly empty),
+        and the step is recorded by the site's accountant.
         """
         for net in self.nets.values():
             net.train()
@@ -373,7 +373,7 @@ class CycleGANTrainer:
         return metrics
 
     def _private_update(self, batch: Batch | Any) -> dict[str, float]:
-        from client.privacy import mark_empty_batch
+        from fedsynth.client.privacy import mark_empty_batch
 
         assert self.privacy is not None and self.plan is not None and self.accountant is not None
         size = int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
@@ -427,8 +427,8 @@ class CycleGANTrainer:
     def generator_loss(self, batch: Batch | Examples) -> Objective:
         """The generators' (and R's) objective on a batch, chosen per example kind.
 
-        See :func:`client.objectives.generator_objective`. Call it with D frozen. The FedProx
-        term is not included. A mean over examples, so the loss of a batch of one is that
+        See :func:`fedsynth.client.objectives.generator_objective`. Call it with D frozen. The
+        FedProx term is not included. A mean over examples, so the loss of a batch of one is that
         example's own loss (what the DP tests compare per-sample gradients against).
         """
         examples = batch if isinstance(batch, Examples) else Examples.from_batch(batch, self.device)
@@ -469,7 +469,7 @@ class CycleGANTrainer:
                 metrics["loss_proximal"] = _value(loss_prox)
             loss_g.backward()
         if self.private:
-            from client.privacy import mark_empty_batch
+            from fedsynth.client.privacy import mark_empty_batch
 
             for name in generator_names:
                 if name not in objective.used:  # R in an unpaired chunk: nothing to add
@@ -661,7 +661,7 @@ class CycleGANTrainer:
     @staticmethod
     def saved_plan(state: Mapping[str, Any] | None) -> NoisePlan | None:
         """The noise plan a saved state was trained under, if it was private."""
-        from client.privacy import NoisePlan
+        from fedsynth.client.privacy import NoisePlan
 
         if state is None or "privacy" not in state:
             return None

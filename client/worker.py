@@ -5,8 +5,8 @@ fresh ``flwr-clientapp`` process for every message, and each one imports torch, 
 under DP, Opacus) again: seconds of CPU per message and site. ``fedsynth client`` instead runs
 the SuperNode with ``--isolation process`` and this worker as its SuperExec:
 
-1. it imports :mod:`client.app` (the ClientApp, torch, numpy, fedsynth) once, starting no thread
-   and never touching CUDA;
+1. it imports :mod:`fedsynth.client.app` (the ClientApp, torch, numpy, fedsynth) once, starting
+   no thread and never touching CUDA;
 2. it runs Flower's own SuperExec loop, which acquires ClientApp tasks from the SuperNode's
    runtime API on loopback;
 3. for each task it forks one child, which runs Flower's own per-task entry point (what
@@ -24,11 +24,12 @@ Flower internals used, pinned with ``flwr==1.42.*`` in pyproject.toml (checked t
 ``flwr.supercore.superexec.executor`` (``ExecutionSpec``, ``LaunchResult``,
 ``SubprocessExecutor``), ``flwr.supercore.constant.TaskType`` and
 ``flwr.supernode.runtime.run_clientapp.run_clientapp``; and, for the object retries every child
-inherits, those of :mod:`common.flower_waits`.
+inherits, those of :mod:`fedsynth.common.flower_waits`.
 
-Run by ``fedsynth client`` (:func:`client.launch.run_supernode`)::
+Run by ``fedsynth client`` (:func:`fedsynth.client.daemon.run_supernode`)::
 
-    python -m client.worker --runtime-api-address 127.0.0.1:9094 --parent-pid <SuperNode pid>
+    python -m fedsynth.client.worker --runtime-api-address 127.0.0.1:9094 \
+        --parent-pid <SuperNode pid>
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ def _run_task(spec: Any) -> int:
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        # A fresh ClientApp process as far as logging goes: the ClientApp sets up its own
-        # handlers (client.app.setup_site_logging), and the worker's would print each line again.
+        # A fresh ClientApp process as far as logging goes: the ClientApp sets up its own handlers
+        # (fedsynth.client.app.setup_site_logging), and the worker's would print each line again.
         logging.getLogger().handlers.clear()
         from flwr.supercore.tls import validate_and_resolve_root_certificates
         from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -197,15 +198,15 @@ def serve(runtime_api_address: str, parent_pid: int | None) -> None:
     """Import the ClientApp, then run Flower's SuperExec loop with :class:`ForkExecutor`."""
     import torch
 
-    import client.app  # noqa: F401  (the one import of the ClientApp's code, for every message)
+    import fedsynth.client.app  # noqa: F401  (the one import of the ClientApp's code, for every message)
 
     if torch.cuda.is_initialized():  # pragma: no cover (a bug: the children could not use it)
         raise RuntimeError("the warm worker initialised CUDA before forking")
     from flwr.supercore.superexec import run_superexec as superexec
 
-    from common.flower_waits import quick_object_pulls
+    from fedsynth.common.flower_waits import quick_object_pulls
 
-    quick_object_pulls()  # inherited by every child (common.flower_waits)
+    quick_object_pulls()  # inherited by every child (fedsynth.common.flower_waits)
     executor = ForkExecutor(parent_pid)
     # Flower's loop builds its executor through this module-level name: this process uses ours.
     superexec.get_executor = lambda *args, **kwargs: executor

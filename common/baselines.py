@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from common.data.site import SiteData
+    from fedsynth.common.data.site import SiteData
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def site_intensity_stats(
 
     Args:
         pairs: per paired volume, (source slices, target slices, evaluation mask): co-registered
-            slices at the same positions, as :class:`common.data.datasets.PairedSlices` builds
-            them; only voxels inside the mask count.
+            slices at the same positions, as :class:`fedsynth.common.data.datasets.PairedSlices`
+            builds them; only voxels inside the mask count.
         targets: per target-domain volume, (slices, bool mask); every target volume of the site
             (the paired ones too). ``None``: the pairs' targets inside their masks.
         bins: the number of bins on [-1, 1].
@@ -285,11 +285,11 @@ def site_statistics(site: SiteData, *, bins: int = DEFAULT_BINS) -> IntensitySta
     """A site's statistics from its loaded data, as the site itself computes them.
 
     The pairs are ``site.paired``'s volumes, restricted to the slices usable in both (and their
-    evaluation mask) as :class:`~common.data.datasets.PairedSlices` builds them; a pair whose
-    volumes are not on one grid is left out (logged). The target histogram counts every target
+    evaluation mask) as :class:`~fedsynth.common.data.datasets.PairedSlices` builds them; a pair
+    whose volumes are not on one grid is left out (logged). The target histogram counts every target
     volume of the site (``domain_b`` and the paired targets, each once) inside its own mask.
     """
-    from common.data.datasets import PairedSlices
+    from fedsynth.common.data.datasets import PairedSlices
 
     pairs = []
     for a, b in site.paired:

@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common import __version__
-from common.baselines import IntensityStats
-from common.config import DataConfig, ModelConfig
-from common.io import atomic_path, atomic_write_text
-from common.modalities import Direction
+from fedsynth.common import __version__
+from fedsynth.common.baselines import IntensityStats
+from fedsynth.common.config import DataConfig, ModelConfig
+from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.modalities import Direction
 
 WEIGHTS_NAME = "generators.safetensors"
 METADATA_NAME = "checkpoint.json"
@@ -64,9 +64,10 @@ class CheckpointMetadata(BaseModel):
     sites: list[str] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
     privacy: dict[str, Any] | None = None
-    # The training sites' merged intensity statistics (common.baselines.IntensityStats.to_dict,
-    # e.g. from common.baselines.baseline_statistics): the naive baselines `fedsynth evaluate`
-    # scores beside the model. None in checkpoints made without them (older ones included).
+    # The training sites' merged intensity statistics
+    # (fedsynth.common.baselines.IntensityStats.to_dict, e.g. from
+    # fedsynth.common.baselines.baseline_statistics): the naive baselines `fedsynth evaluate` scores
+    # beside the model. None in checkpoints made without them (older ones included).
     baselines: dict[str, Any] | None = None
 
     @field_validator("baselines")

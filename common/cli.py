@@ -1,6 +1,6 @@
 """Command-line pieces both roles use: ``inspect``, ``phantom`` and ``config``.
 
-The ``fedsynth`` command itself is assembled in :mod:`simulations.cli`, the one package allowed
+The ``fedsynth`` command itself is assembled in :mod:`fedsynth.cli.main`, the one package allowed
 to import every role.
 """
 
@@ -16,10 +16,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.config import ConfigError, RunConfig, available_presets, dumps_config, load_config
-from common.data.errors import SiteDataError
-from common.data.inspect import SiteReport, inspect_site
-from common.modalities import Direction, Modality
+from fedsynth.common.config import (
+    ConfigError,
+    RunConfig,
+    available_presets,
+    dumps_config,
+    load_config,
+)
+from fedsynth.common.data.errors import SiteDataError
+from fedsynth.common.data.inspect import SiteReport, inspect_site
+from fedsynth.common.modalities import Direction, Modality
 
 logger = logging.getLogger(__name__)
 # Pipes and CI logs get a fixed, comfortable width instead of rich's 80-column fallback.
@@ -227,7 +233,7 @@ def phantom_command(
     Each site has its own scanner (field strength, bias field, noise, intensity scale, slice
     thickness); ground truth (tissue maps, lesion masks, parameters) goes to derivatives/phantom.
     """
-    from common.phantom import generate_consortium
+    from fedsynth.common.phantom import generate_consortium
 
     counts = _parse_counts(subjects)
     if len(counts) != sites:
@@ -302,9 +308,9 @@ def synthesize_command(
 ) -> None:
     """Translate a whole volume with a checkpoint's generator; the output keeps the input's
     shape, affine and orientation. Intensities: HU for CT, a typical training range for MR."""
-    from common.checkpoint import CheckpointError
-    from common.data.errors import ScanError
-    from common.synthesis import Synthesizer
+    from fedsynth.common.checkpoint import CheckpointError
+    from fedsynth.common.data.errors import ScanError
+    from fedsynth.common.synthesis import Synthesizer
 
     try:
         declared = Modality.parse(modality) if modality else None
@@ -337,10 +343,10 @@ def evaluate_command(
 
     When the checkpoint carries its training sites' intensity statistics, the naive baselines
     (constant, histogram matching, lookup table) are scored on the same subjects beside it."""
-    from common.baselines import IntensityStats, fit_baselines
-    from common.checkpoint import CheckpointError
-    from common.evaluation import add_baselines, evaluate_pairs, site_pairs
-    from common.synthesis import Synthesizer
+    from fedsynth.common.baselines import IntensityStats, fit_baselines
+    from fedsynth.common.checkpoint import CheckpointError
+    from fedsynth.common.evaluation import add_baselines, evaluate_pairs, site_pairs
+    from fedsynth.common.synthesis import Synthesizer
 
     skipped: dict[str, str] = {}
     try:

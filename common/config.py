@@ -27,8 +27,8 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic.functional_validators import AfterValidator
 
-from common.io import atomic_write_text
-from common.modalities import Direction
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.modalities import Direction
 
 ENV_PREFIX = "FEDSYNTH_"
 ENV_NESTED = "__"
@@ -88,16 +88,18 @@ class DataConfig(_Section):
     percentiles: tuple[float, float] = Field(
         (0.5, 99.5),
         description="MR: the mask's first percentile maps to -1, and the scale is anchored on "
-        "its 75th percentile (mapped to -1/3; common.data.masks.standardisation_range), so "
-        "lesions and CSF do not set it. PET: both percentiles map to -1 and 1.",
+        "its 75th percentile (mapped to -1/3; "
+        "fedsynth.common.data.masks.standardisation_range), so lesions and CSF do not set it. "
+        "PET: both percentiles map to -1 and 1.",
     )
     ct_window_hu: tuple[float, float] = Field(
         (-1024.0, 2048.0), description="CT: this Hounsfield window maps to [-1, 1]."
     )
     misalignment: Misalignment = Field(
         "none",
-        description="Random affine augmentation (see common.data.misalign): drawn independently "
-        "for the two images of a weakly paired example, for B only in an unpaired one.",
+        description="Random affine augmentation (see fedsynth.common.data.misalign): drawn "
+        "independently for the two images of a weakly paired example, for B only in an "
+        "unpaired one.",
     )
     augment_gamma: float = Field(
         0.0,
@@ -142,9 +144,9 @@ class DataConfig(_Section):
         ge=0.0,
         le=0.5,
         description="Share of a training site's weakly paired data held out of training to "
-        "choose the model on (the best round or epoch; common.data.validation): whole subjects "
-        "when the site has 4 or more paired subjects, else blocks of 4 axial slices per "
-        "session; 0 holds nothing out. Test sites are never split.",
+        "choose the model on (the best round or epoch; fedsynth.common.data.validation): "
+        "whole subjects when the site has 4 or more paired subjects, else blocks of 4 axial "
+        "slices per session; 0 holds nothing out. Test sites are never split.",
     )
 
     @model_validator(mode="after")
@@ -175,8 +177,8 @@ class ModelConfig(_Section):
         ge=0,
         le=257,
         description="Knots of a learnt intensity lookup table the generator corrects "
-        "(common.models.intensity): the body sees [x, map(x)] and adds a residual to map(x). "
-        "0 = off (a plain generator).",
+        "(fedsynth.common.models.intensity): the body sees [x, map(x)] and adds a residual "
+        "to map(x). 0 = off (a plain generator).",
     )
     ngf: int = Field(64, ge=4, le=512, description="Generator filters in the first layer.")
     n_blocks: int = Field(9, ge=1, le=32, description="Residual blocks (ResNet generator).")
@@ -227,7 +229,7 @@ class TrainingConfig(_Section):
         ge=0.0,
         description="pix2pix L1 between G(x) and its weakly paired target, both directions "
         "(Isola et al. 2017: 100), with registration off; with it on, both directions use "
-        "lambda_registration after R's alignment instead (client.objectives).",
+        "lambda_registration after R's alignment instead (fedsynth.client.objectives).",
     )
     background_weight: float = Field(
         0.1,
@@ -258,7 +260,7 @@ class PrivacyConfig(_Section):
     ``level = "patient"`` (the default): DP-SGD at each site where a Poisson batch draws
     *patients* (every session of one subject is one patient) and each drawn patient gives one
     weakly paired slice, so per-sample clipping (``max_grad_norm``) bounds every patient's part
-    of a step and the site's accountant composes at patient level (:mod:`client.privacy`).
+    of a step and the site's accountant composes at patient level (:mod:`fedsynth.client.privacy`).
     Patients with one modality only are left out: an unpaired example mixes two patients.
     ``level = "example"``: the same DP-SGD over slices (one A slice and its B partner), kept for
     comparison; it protects single slices, not people. ``level = "site"``: each site clips its
@@ -471,7 +473,7 @@ class SimulationConfig(_Section):
 
     The pool is the phantom (``num_sites`` scanners) unless ``fedsynth simulate --site`` names
     real site folders. Per-site settings take one value for every site or a list of
-    ``num_sites`` values (see :mod:`simulations.partition`).
+    ``num_sites`` values (see :mod:`fedsynth.simulations.partition`).
     """
 
     num_sites: int = Field(4, ge=1, le=1000)
@@ -646,7 +648,7 @@ class ConfigError(ValueError):
 
 def available_presets() -> list[str]:
     """Names of the presets shipped with fedsynth."""
-    folder = resources.files("common") / "presets"
+    folder = resources.files("fedsynth.common") / "presets"
     return sorted(
         p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
     )
@@ -662,7 +664,9 @@ def load_preset(name: str) -> dict[str, Any]:
                 )
             ]
         )
-    text = (resources.files("common") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+    text = (resources.files("fedsynth.common") / "presets" / f"{name}.toml").read_text(
+        encoding="utf-8"
+    )
     return tomllib.loads(text)
 
 

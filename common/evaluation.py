@@ -2,7 +2,7 @@
 
 For every subject that has both modalities of the checkpoint's direction, the source slices
 usable in both volumes are translated and compared with the true target (see
-:mod:`common.metrics`; intensities on [0, 1]):
+:mod:`fedsynth.common.metrics`; intensities on [0, 1]):
 
 * per slice, then averaged over the subject's slices: PSNR, SSIM (2D Gaussian window), MAE, NMSE,
   each over the whole slice and inside the target's foreground mask, and the k-space band errors;
@@ -13,9 +13,9 @@ usable in both volumes are translated and compared with the true target (see
   MSE for the volume), whole and foreground. (3D SSIM needs contiguous slices, which a paired
   stack need not be, so SSIM is reported per slice only.)
 
-Preprocessing is the checkpoint's own, so the numbers describe the model as it was trained. One
-row per subject plus the mean over subjects; written as JSON. When the checkpoint carries the
-training sites' intensity statistics (:mod:`common.baselines`), the naive baselines are scored on
+Preprocessing is the checkpoint's own, so the numbers describe the model as it was trained. One row
+per subject plus the mean over subjects; written as JSON. When the checkpoint carries the training
+sites' intensity statistics (:mod:`fedsynth.common.baselines`), the naive baselines are scored on
 the same subjects, slices and mask beside the model (:func:`add_baselines`; the report's
 ``baselines`` section).
 """
@@ -31,19 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
-from common.data.datasets import PairedSlices
-from common.data.discovery import find_lesion_mask
-from common.data.errors import ScanError
-from common.data.preprocess import preprocess_label
-from common.data.site import SiteData, load_site
-from common.io import atomic_write_text
-from common.metrics import image_metrics, mae, mean_metrics, nmse, psnr, to_unit
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.datasets import PairedSlices
+from fedsynth.common.data.discovery import find_lesion_mask
+from fedsynth.common.data.errors import ScanError
+from fedsynth.common.data.preprocess import preprocess_label
+from fedsynth.common.data.site import SiteData, load_site
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.metrics import image_metrics, mae, mean_metrics, nmse, psnr, to_unit
 
 logger = logging.getLogger(__name__)
 
 Translate = Callable[[np.ndarray], np.ndarray]
-# A predictor that is given the evaluation mask too (the naive baselines of common.baselines).
+# A predictor that is given the evaluation mask too (the naive baselines of
+# fedsynth.common.baselines).
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -189,7 +190,7 @@ def site_pairs(
     """Load a site and group its paired slices per subject (session).
 
     The target of a session is on its source's grid and inside its source's mask (see
-    :mod:`common.data.pairing`), so every model and baseline is scored on one region.
+    :mod:`fedsynth.common.data.pairing`), so every model and baseline is scored on one region.
     """
     site = load_site(site_dir, data_config, cache_dir=cache_dir)
     return site.name, pairs_by_subject(site, site_dir, data_config)

@@ -200,13 +200,14 @@ def registration_correction_loss(
 def smoothness_loss(flow: torch.Tensor) -> torch.Tensor:
     """RegGAN's smoothness loss: mean squared finite differences of the flow along y plus along x.
 
-    ``mean((flow[..., 1:, :] - flow[..., :-1, :])**2) + mean((flow[..., :, 1:] -
-    flow[..., :, :-1])**2)`` over batch, both flow channels and pixels, as in Kong et al. (2021),
-    weight 10. Differences are between neighbouring pixels, in the flow's own units: a flow that
-    rises by ``s`` per pixel along one axis and is constant along the other costs ``s**2``.
-    :class:`~common.models.registration.RegistrationNet` outputs normalised coordinates, where
-    one pixel is ``2 / W``; RegGAN's network outputs pixels, so apply
-    :func:`~common.models.registration.flow_to_pixels` first to reproduce RegGAN's weighting.
+    ``mean((flow[..., 1:, :] - flow[..., :-1, :])**2) + mean((flow[..., :, 1:] - flow[..., :,
+    :-1])**2)`` over batch, both flow channels and pixels, as in Kong et al. (2021), weight 10.
+    Differences are between neighbouring pixels, in the flow's own units: a flow that rises by ``s``
+    per pixel along one axis and is constant along the other costs ``s**2``.
+    :class:`~fedsynth.common.models.registration.RegistrationNet` outputs normalised coordinates,
+    where one pixel is ``2 / W``; RegGAN's network outputs pixels, so apply
+    :func:`~fedsynth.common.models.registration.flow_to_pixels` first to reproduce RegGAN's
+    weighting.
 
     Args:
         flow: ``(batch, 2, H, W)`` displacement field.

@@ -38,7 +38,7 @@ Tissue label table (``dseg`` is the argmax of the fractions; also ``derivatives/
 ====  ==============
 
 Example:
-    >>> from common.phantom import generate_consortium
+    >>> from fedsynth.common.phantom import generate_consortium
     >>> sites = generate_consortium(Path("data"), sites=3, subjects=[8, 4, 2], seed=0)
 """
 
@@ -65,8 +65,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from common import __version__
-from common.modalities import Modality
+from fedsynth.common import __version__
+from fedsynth.common.modalities import Modality
 
 logger = logging.getLogger(__name__)
 

@@ -25,20 +25,20 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common.checkpoint import (
+from fedsynth.common.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
     OutputScale,
     load_checkpoint,
     load_into,
 )
-from common.data.discovery import bids_modality, nifti_stem
-from common.data.loading import ScanLimits, read_scan
-from common.data.preprocess import IntensityMapping, preprocess_volume
-from common.device import resolve_device
-from common.io import atomic_save
-from common.modalities import Modality
-from common.models import define_generator
+from fedsynth.common.data.discovery import bids_modality, nifti_stem
+from fedsynth.common.data.loading import ScanLimits, read_scan
+from fedsynth.common.data.preprocess import IntensityMapping, preprocess_volume
+from fedsynth.common.device import resolve_device
+from fedsynth.common.io import atomic_save
+from fedsynth.common.modalities import Modality
+from fedsynth.common.models import define_generator
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,16 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ConfigError, load_config
-from common.flower_waits import quick_object_pulls
-from common.io import READABLE, atomic_write_text
-from common.logs import drop_opacus_root_handler
-from server.coordinator import Coordinator, CoordinatorInterruptedError, CoordinatorStoppedError
-from server.status import STOPPED_FILE, StatusWriter
+from fedsynth.common.config import ConfigError, load_config
+from fedsynth.common.flower_waits import quick_object_pulls
+from fedsynth.common.io import READABLE, atomic_write_text
+from fedsynth.common.logs import drop_opacus_root_handler
+from fedsynth.server.coordinator import (
+    Coordinator,
+    CoordinatorInterruptedError,
+    CoordinatorStoppedError,
+)
+from fedsynth.server.status import STOPPED_FILE, StatusWriter
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -38,7 +42,7 @@ class CoordinatorEndedError(RuntimeError):
 
 
 def _setup_logging(run_dir: Path) -> None:
-    drop_opacus_root_handler()  # else every line would reach stderr twice (common.logs)
+    drop_opacus_root_handler()  # else every line would reach stderr twice (fedsynth.common.logs)
     root = logging.getLogger("fedsynth")
     if root.handlers:
         return

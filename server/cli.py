@@ -14,12 +14,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
-from common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
-from common.flower import FlowerError
-from server.certs import SITE_NAME, check_certificates, make_certificates, make_node_key
-from server.launch import INSECURE_WARNING, ServeOptions, ServerInterruptedError, run_federation
-from server.status import FINAL_STATES, RunStatus, read_status
+from fedsynth.common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
+from fedsynth.common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
+from fedsynth.common.flower_processes import FlowerError
+from fedsynth.server.certs import SITE_NAME, check_certificates, make_certificates, make_node_key
+from fedsynth.server.service import (
+    INSECURE_WARNING,
+    ServeOptions,
+    ServerInterruptedError,
+    run_federation,
+)
+from fedsynth.server.status import FINAL_STATES, RunStatus, read_status
 
 console = Console(soft_wrap=True)
 logger = logging.getLogger("fedsynth.server")

@@ -8,15 +8,15 @@ engine otherwise). Each round it
 3. collects replies until all are in or ``round_timeout_s`` passes; a site that disconnects is
    reported by the SuperLink and counted as failed, not waited for;
 4. refuses, with the site and every reason, replies that break the content rule
-   (:func:`common.federation.audit_reply`) or fail the numeric checks
-   (:func:`server.validation.check_update`), and stops the run with a message naming the failed
-   sites when fewer than ``min_sites`` valid updates remain;
-5. aggregates (:mod:`server.strategy`), updates the moving average of the generators when
+   (:func:`fedsynth.common.messages.audit_reply`) or fail the numeric checks
+   (:func:`fedsynth.server.validation.check_update`), and stops the run with a message naming the
+   failed sites when fewer than ``min_sites`` valid updates remain;
+5. aggregates (:mod:`fedsynth.server.strategy`), updates the moving average of the generators when
    ``federation.ema_decay`` is set (sites always receive the plain aggregate), asks the sites to
-   score the new global model on their own validation data, evaluates centrally when a
-   validation site is configured, and writes the round's checkpoint, record, JSONL line and
-   TensorBoard scalars, then ``best.json`` (the best round so far, :mod:`server.checkpoint`),
-   before announcing the round on the terminal.
+   score the new global model on their own validation data, evaluates centrally when a validation
+   site is configured, and writes the round's checkpoint, record, JSONL line and TensorBoard
+   scalars, then ``best.json`` (the best round so far, :mod:`fedsynth.server.round_store`), before
+   announcing the round on the terminal.
 
 A restarted coordinator with ``resume`` continues after the last complete round with the same
 run key, so the sites find the state each round started from; the best round and the moving
@@ -45,16 +45,17 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from common.checkpoint import (
+from fedsynth.common.checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
     CheckpointMetadata,
     load_checkpoint,
     load_into,
 )
-from common.config import RunConfig, dumps_config, write_resolved_config
-from common.evaluation import evaluate_pairs, site_pairs
-from common.federation import (
+from fedsynth.common.config import RunConfig, dumps_config, write_resolved_config
+from fedsynth.common.evaluation import evaluate_pairs, site_pairs
+from fedsynth.common.io import atomic_save, atomic_write_text
+from fedsynth.common.messages import (
     ARRAYS,
     CONFIG,
     SHARED_NETS,
@@ -71,11 +72,10 @@ from common.federation import (
     to_record,
     unflatten,
 )
-from common.io import atomic_save, atomic_write_text
-from common.models import define_cyclegan
-from server import warm_start
-from server.certs import public_key_der
-from server.checkpoint import (
+from fedsynth.common.models import define_cyclegan
+from fedsynth.server import warm_start
+from fedsynth.server.certs import public_key_der
+from fedsynth.server.round_store import (
     BestRound,
     RoundRecord,
     consider,
@@ -87,9 +87,9 @@ from server.checkpoint import (
     scan_best,
     write_best,
 )
-from server.status import ROUNDS_LOG, StatusWriter
-from server.strategy import SiteLevelDP, SiteUpdate, make_aggregator
-from server.validation import check_update
+from fedsynth.server.status import ROUNDS_LOG, StatusWriter
+from fedsynth.server.strategy import SiteLevelDP, SiteUpdate, make_aggregator
+from fedsynth.server.validation import check_update
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -219,7 +219,7 @@ class Coordinator:
         self.ignored: set[int] = set()  # online nodes whose key this coordinator did not admit
         self.known_sites: set[str] = set()  # sites that sent a valid update in some round
         self.epsilon: dict[str, float] = {}  # latest cumulative epsilon each site reported
-        self.best: BestRound | None = None  # the best round so far (server.checkpoint)
+        self.best: BestRound | None = None  # the best round so far (fedsynth.server.round_store)
         self.ema: dict[str, torch.Tensor] | None = None  # moving average (federation.ema_decay)
         self._ema_nets: dict[str, torch.nn.Module] | None = None
         self.aggregator = make_aggregator(self.fed, config.privacy)

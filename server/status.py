@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
-from common.io import READABLE, atomic_write_text
-from server.checkpoint import latest_round, read_best
+from fedsynth.common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
+from fedsynth.common.io import READABLE, atomic_write_text
+from fedsynth.server.round_store import latest_round, read_best
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -147,7 +147,9 @@ class RunStatus:
     delta: float | None
     notes: list[str] = field(default_factory=list)  # problems met while reading
     privacy_unit: str | None = None  # what one epsilon protects: "patient", "example", "site"
-    best_round: int | None = None  # the best round so far (server.checkpoint), None: unscored
+    best_round: int | None = (
+        None  # the best round so far (fedsynth.server.round_store), None: unscored
+    )
     best_score: float | None = None  # its selection score, dB
     best_metric: str | None = None  # e.g. "eval/psnr_masked"
     best_source: str | None = None  # what was scored, in words

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from common.accounting import epsilon_of
-from common.config import FederationConfig, PrivacyConfig
+from fedsynth.common.accounting import epsilon_of
+from fedsynth.common.config import FederationConfig, PrivacyConfig
 
 logger = logging.getLogger("fedsynth.server")
 

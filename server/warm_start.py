@@ -1,10 +1,10 @@
 """A public warm start: the run's generators trained on the built-in phantom before round 1.
 
-Under DP-SGD a model that starts from random weights spends its privacy budget learning what
-any head looks like. The phantom (:mod:`common.phantom`) holds no patient, and its contrasts are
-exact ground-truth pairs, so the coordinator can teach the generators the anatomy-to-contrast
-mapping before any site is asked for anything: it costs no privacy, and the sites then
-fine-tune a model that already works (``federation.warm_start = "phantom"``).
+Under DP-SGD a model that starts from random weights spends its privacy budget learning what any
+head looks like. The phantom (:mod:`fedsynth.common.phantom`) holds no patient, and its contrasts
+are exact ground-truth pairs, so the coordinator can teach the generators the anatomy-to-contrast
+mapping before any site is asked for anything: it costs no privacy, and the sites then fine-tune a
+model that already works (``federation.warm_start = "phantom"``).
 
 The phantom consortium is drawn with its own seed (:data:`PHANTOM_SEED_OFFSET` past the run's
 training seed), not the seeds a simulated consortium is drawn with by default
@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import __version__
-from common.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
-from common.config import RunConfig
-from common.modalities import Direction
+from fedsynth.common import __version__
+from fedsynth.common.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
+from fedsynth.common.config import RunConfig
+from fedsynth.common.modalities import Direction
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def describe(checkpoint: Path) -> dict[str, Any]:
 
 
 def _train(config: RunConfig, out: Path) -> dict[str, Any]:
-    from client.local import load_sites, make_loader, output_scale
-    from client.trainer import CycleGANTrainer
-    from common.data.datasets import training_set
-    from common.phantom import generate_consortium
+    from fedsynth.client.local import load_sites, make_loader, output_scale
+    from fedsynth.client.trainer import CycleGANTrainer
+    from fedsynth.common.data.datasets import training_set
+    from fedsynth.common.phantom import generate_consortium
 
     direction = Direction.parse(config.data.direction)  # the phantom makes every contrast
     fed = config.federation

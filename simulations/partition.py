@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from common.data.discovery import discover_site
-from common.modalities import Direction
-from simulations.results import SiteSplit, SplitSummary
+from fedsynth.common.data.discovery import discover_site
+from fedsynth.common.modalities import Direction
+from fedsynth.simulations.results import SiteSplit, SplitSummary
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def availability(
     subject brings both. ``missing`` (``"A"`` and/or ``"B"``) removes a domain from every
     subject of the site. A subject that has only one modality keeps just that one. Unpairing
     never empties a domain: a site whose only subject has both modalities keeps it paired (the
-    loader then draws both sides from it, see :func:`common.data.site.assign_domains`).
+    loader then draws both sides from it, see :func:`fedsynth.common.data.site.assign_domains`).
     """
     if not 0.0 <= unpaired_fraction <= 1.0:
         raise ValueError(f"unpaired_fraction must be in [0, 1], found {unpaired_fraction}")
@@ -440,7 +440,7 @@ def _write_site(
         "Name": f"fedsynth simulated {name}",
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
-        "GeneratedBy": [{"Name": "fedsynth simulations.partition"}],
+        "GeneratedBy": [{"Name": "fedsynth.simulations.partition"}],
     }
     (folder / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
     rows = ["participant_id\torigin"]

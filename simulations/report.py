@@ -1,10 +1,10 @@
 """Markdown reports with PNG figures, drawn from an experiment's ``results.json``.
 
 :func:`write_report` turns one experiment folder (``runs/<name>/results.json``, see
-:mod:`simulations.results`) into ``report.md`` plus ``figures/*.png``; :func:`write_grid_report`
-compares the cells of a grid of experiments in one page; :func:`headline_lines` gives the few
-lines a terminal shows at the end of a run. Nothing here needs the images or the models: only
-the results file and the sample ``.npz`` slices it points to.
+:mod:`fedsynth.simulations.results`) into ``report.md`` plus ``figures/*.png``;
+:func:`write_grid_report` compares the cells of a grid of experiments in one page;
+:func:`headline_lines` gives the few lines a terminal shows at the end of a run. Nothing here needs
+the images or the models: only the results file and the sample ``.npz`` slices it points to.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global state),
 so reports can be written from worker threads and headless machines alike.
@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
-from common.io import READABLE, atomic_save, atomic_write_text
-from simulations.results import (
+from fedsynth.common.io import READABLE, atomic_save, atomic_write_text
+from fedsynth.simulations.results import (
     CONSTANT,
     FEDERATED,
     HISTOGRAM,

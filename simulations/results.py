@@ -1,9 +1,9 @@
 """What a simulated experiment measured, as one JSON file the report is drawn from.
 
-``runs/<name>/results.json`` is written by :mod:`simulations.run` and read by
-:mod:`simulations.report`; nothing in it needs the images or the models again, so a report can
-be redrawn (or several experiments compared) long after the runs. Metric names are those of
-:func:`common.metrics.image_metrics` (``psnr_masked``, ``ssim_masked``, ``mae_masked``,
+``runs/<name>/results.json`` is written by :mod:`fedsynth.simulations.run` and read by
+:mod:`fedsynth.simulations.report`; nothing in it needs the images or the models again, so a report
+can be redrawn (or several experiments compared) long after the runs. Metric names are those of
+:func:`fedsynth.common.metrics.image_metrics` (``psnr_masked``, ``ssim_masked``, ``mae_masked``,
 ``kspace_low`` ...), each a mean over a site's held-out test slices.
 """
 
@@ -14,16 +14,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.baselines import BASELINE_NAMES
-from common.baselines import CONSTANT as CONSTANT
-from common.baselines import HISTOGRAM as HISTOGRAM
-from common.baselines import LOOKUP_TABLE as LOOKUP_TABLE
-from common.io import READABLE, atomic_write_text
+from fedsynth.common.baselines import BASELINE_NAMES
+from fedsynth.common.baselines import CONSTANT as CONSTANT
+from fedsynth.common.baselines import HISTOGRAM as HISTOGRAM
+from fedsynth.common.baselines import LOOKUP_TABLE as LOOKUP_TABLE
+from fedsynth.common.io import READABLE, atomic_write_text
 
 RESULTS_NAME = "results.json"
 
-# The model names every experiment may hold; "local:<site>" is one local-only model per site.
-# The naive baselines of common.baselines (NAIVE: CONSTANT, HISTOGRAM, LOOKUP_TABLE) are fitted
+# The model names every experiment may hold; "local:<site>" is one local-only model per site. The
+# naive baselines of fedsynth.common.baselines (NAIVE: CONSTANT, HISTOGRAM, LOOKUP_TABLE) are fitted
 # from the training sites' summed intensity statistics, with no training.
 UNTRAINED = "untrained"
 # The generators round 1 started from, when not random (a warm start or initial_generators).
@@ -137,7 +137,7 @@ class ExperimentResults(_Model):
     machine: str = ""
     headline: dict[str, float] = Field(default_factory=dict)
     # The naive baselines' source: {"sites": the training sites whose statistics were summed,
-    # "statistics": common.baselines.IntensityStats.to_dict() of the sum}.
+    # "statistics": fedsynth.common.baselines.IntensityStats.to_dict() of the sum}.
     naive: dict[str, Any] = Field(default_factory=dict)
 
     def model(self, name: str) -> ModelResult | None:

@@ -4,19 +4,20 @@
 each recorded in ``<experiment>/phases.json`` when it completes so that ``--resume`` skips it:
 
 1. **pool**: the phantom consortium (one scanner per site) or the real ``--site`` folders;
-2. **split**: :mod:`simulations.partition` deals subjects to simulated hospitals, holds out test
+2. **split**: :mod:`fedsynth.simulations.partition` deals subjects to simulated hospitals, holds out
+   test
    subjects, applies the unpaired fraction and missing domains, and links each site's files;
 3. **federated**: the Flower simulation engine (Ray) with one SuperNode per site, the same
-   ServerApp and ClientApp as a deployment (:func:`simulations.federated.simulate`);
+   ServerApp and ClientApp as a deployment (:func:`fedsynth.simulations.engines.flower.simulate`);
 4. **local** / **pooled** baselines on the same split with the same compute: each site alone for
    ``rounds x local_epochs`` epochs, and all sites' data pooled for as many epochs (the number of
    examples processed then equals the federation's);
 5. **evaluate**: every model (untrained, the federated model after every round, the baselines) on
    every site's held-out test subjects, plus one sample slice per site; beside them the naive
-   baselines (constant, histogram matching, lookup table: :mod:`common.baselines`), fitted from
-   the training sites' intensity statistics, each computed from the site's own training
+   baselines (constant, histogram matching, lookup table: :mod:`fedsynth.common.baselines`), fitted
+   from the training sites' intensity statistics, each computed from the site's own training
    subjects and summed as a coordinator would (no image pooled), scored on the same subjects;
-6. **report**: ``results.json`` and ``report.md`` with figures (:mod:`simulations.report`).
+6. **report**: ``results.json`` and ``report.md`` with figures (:mod:`fedsynth.simulations.report`).
 """
 
 from __future__ import annotations
@@ -39,26 +40,27 @@ import torch
 import typer
 from rich.console import Console
 
-from client.local import BEST_CHECKPOINT_DIR, best_epoch, train_local
-from common.baselines import (
+from fedsynth.client.local import BEST_CHECKPOINT_DIR, best_epoch, train_local
+from fedsynth.common.baselines import (
     IntensityStats,
     Predictor,
     fit_baselines,
     site_statistics,
 )
-from common.checkpoint import read_metadata
-from common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
-from common.config import ConfigError, RunConfig, load_config, write_resolved_config
-from common.data.errors import BadScansError, ScanError
-from common.data.site import load_site
-from common.evaluation import EvaluationReport, evaluate_predictor, site_pairs
-from common.flower import FlowerError
-from common.io import atomic_write_text
-from common.modalities import Direction
-from common.models import define_cyclegan
-from common.phantom import draw_site_scanner, generate_consortium
-from common.synthesis import Synthesizer
-from server.checkpoint import (
+from fedsynth.common.checkpoint import read_metadata
+from fedsynth.common.cli import ConfigOption, PresetOption, SetOption, fail, resolve_config
+from fedsynth.common.config import ConfigError, RunConfig, load_config, write_resolved_config
+from fedsynth.common.data.errors import BadScansError, ScanError
+from fedsynth.common.data.site import load_site
+from fedsynth.common.evaluation import EvaluationReport, evaluate_predictor, site_pairs
+from fedsynth.common.flower_processes import FlowerError
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.modalities import Direction
+from fedsynth.common.models import define_cyclegan
+from fedsynth.common.phantom import draw_site_scanner, generate_consortium
+from fedsynth.common.synthesis import Synthesizer
+from fedsynth.server.coordinator import RUN_FILE
+from fedsynth.server.round_store import (
     EMA_DIR,
     ROUND_RECORD,
     best_checkpoint,
@@ -66,10 +68,9 @@ from server.checkpoint import (
     read_best,
     round_dir,
 )
-from server.coordinator import RUN_FILE
-from simulations.federated import simulate
-from simulations.inprocess import simulate_in_process
-from simulations.partition import (
+from fedsynth.simulations.engines.flower import simulate
+from fedsynth.simulations.engines.inprocess import simulate_in_process
+from fedsynth.simulations.partition import (
     SplitPlan,
     assign,
     materialize,
@@ -78,8 +79,8 @@ from simulations.partition import (
     read_pool,
     site_sizes,
 )
-from simulations.report import headline_lines, write_grid_report, write_report
-from simulations.results import (
+from fedsynth.simulations.report import headline_lines, write_grid_report, write_report
+from fedsynth.simulations.results import (
     FEDERATED,
     LOOKUP_TABLE,
     NAIVE,
@@ -541,7 +542,7 @@ class NaiveBaselines:
     Attributes:
         sites: the training sites whose statistics were summed (those that could load).
         statistics: their sum, what a coordinator would hold.
-        predictors: the fitted baselines by name (:data:`common.baselines.BASELINE_NAMES`).
+        predictors: the fitted baselines by name (:data:`fedsynth.common.baselines.BASELINE_NAMES`).
         skipped: the baselines the statistics cannot fit, with the reason.
         seconds: the time to compute the statistics and fit.
     """

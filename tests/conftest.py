@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.config import RunConfig
+from fedsynth.common.config import RunConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -82,8 +82,8 @@ def training_patients(site: Path, config: RunConfig, cache: Path | None = None) 
     """The patients a site samples under patient-level DP, counted from its volumes: the
     subjects with a weakly paired session in the training part (sessions of one subject are one
     patient; subjects with one modality only are left out)."""
-    from common.data.site import load_site
-    from common.data.validation import hold_out
+    from fedsynth.common.data.site import load_site
+    from fedsynth.common.data.validation import hold_out
 
     data = load_site(site, config.data, cache_dir=cache, seed=config.training.seed)
     data = hold_out(data, config.data.validation_fraction, config.training.seed)
@@ -96,8 +96,8 @@ def training_examples(site: Path, config: RunConfig, cache: Path | None = None) 
     """The examples a site trains on, counted from its volumes (independently of
     TrainingSlices): the slice positions of its training pairs (its validation part held out)
     plus the larger side of its unpaired slices."""
-    from common.data.site import load_site
-    from common.data.validation import hold_out
+    from fedsynth.common.data.site import load_site
+    from fedsynth.common.data.validation import hold_out
 
     data = load_site(site, config.data, cache_dir=cache, seed=config.training.seed)
     data = hold_out(data, config.data.validation_fraction, config.training.seed)

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from common.flower import free_port
+from fedsynth.common.flower_processes import free_port
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 BIN = Path(sys.executable).parent

@@ -30,14 +30,14 @@ from cryptography.hazmat.primitives.serialization import (
 from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
-from common import PRIVATE_ENV
-from common.accounting import RDP_ORDERS
-from common.flower import flwr, free_port, register_node, write_connection
-from server.certs import CertificateSet, make_certificates, make_node_key
-from server.checkpoint import latest_round, round_dir
-from server.status import read_status
-from simulations.federated import simulate
-from simulations.inprocess import TINY, phantom_sites, tiny_config
+from fedsynth.common import PRIVATE_ENV
+from fedsynth.common.accounting import RDP_ORDERS
+from fedsynth.common.flower_processes import flwr, free_port, register_node, write_connection
+from fedsynth.server.certs import CertificateSet, make_certificates, make_node_key
+from fedsynth.server.round_store import latest_round, round_dir
+from fedsynth.server.status import read_status
+from fedsynth.simulations.engines.flower import simulate
+from fedsynth.simulations.engines.inprocess import TINY, phantom_sites, tiny_config
 from tests.conftest import training_examples, training_patients
 from tests.intake import write_bad_site
 from tests.local_compose import LocalCompose
@@ -514,7 +514,7 @@ def test_audit_sites_send_only_generator_tensors_and_whitelisted_scalars(
             kinds = {name: record["kind"] for name, record in records.items()}
             if entry["type"] == "train":
                 assert kinds == {"arrays": "arrays", "metrics": "metrics"}
-                # Numbers only, packed (common.wire): one float32 vector of every generator
+                # Numbers only, packed (fedsynth.common.wire): one float32 vector of every generator
                 # parameter, no names, nothing image-shaped.
                 sent = records["arrays"]["entries"]
                 values = sum(int(np.prod(shape)) for shape in expected_shapes.values())
@@ -773,8 +773,8 @@ def test_daemons_with_damaged_scans_report_them_or_train_without_them(
         assert said in log and "Traceback" not in log, log[-3000:]
         for path, fragment in bad[name].items():
             assert path.name in log and fragment in log, (path.name, fragment)
-    # Once per round, and once only: Opacus' import gives the root logger a stderr handler of
-    # its own, which common.logs removes (each line used to appear a second time, reformatted).
+    # Once per round, and once only: Opacus' import gives the root logger a stderr handler of its
+    # own, which fedsynth.common.logs removes (each line used to appear a second time, reformatted).
     assert cluster.log(strict).count("declining train: unusable files") == 2
     assert cluster.log(strict).count("ERROR fedsynth: declining train: unusable files") == 2
     coordinator_log = (run / "coordinator.log").read_text(encoding="utf-8")

@@ -1,23 +1,28 @@
 """Site data: discovery, validation, preprocessing, sampling and inspection of a site's scans."""
 
-from common.data.datasets import (
+from fedsynth.common.data.datasets import (
     PairedSlices,
     PatientSlices,
     TrainingSlices,
     UnpairedSlices,
     training_set,
 )
-from common.data.discovery import Scan, SiteInventory, discover_site
-from common.data.errors import (
+from fedsynth.common.data.discovery import Scan, SiteInventory, discover_site
+from fedsynth.common.data.errors import (
     BadScansError,
     EmptySiteError,
     MissingModalityError,
     ScanError,
     SiteDataError,
 )
-from common.data.loading import LoadedScan, read_scan
-from common.data.preprocess import IntensityMapping, SliceCache, SliceStack, preprocess_scan
-from common.data.site import SiteData, Volume, assign_domains, load_site
+from fedsynth.common.data.loading import LoadedScan, read_scan
+from fedsynth.common.data.preprocess import (
+    IntensityMapping,
+    SliceCache,
+    SliceStack,
+    preprocess_scan,
+)
+from fedsynth.common.data.site import SiteData, Volume, assign_domains, load_site
 
 __all__ = [
     "BadScansError",

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.data.misalign import apply_affine, draw_affine
-from common.data.site import SiteData, Volume
+from fedsynth.common.data.misalign import apply_affine, draw_affine
+from fedsynth.common.data.site import SiteData, Volume
 
 
 def _stack(volumes: Sequence[Volume]) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,7 @@ class UnpairedSlices(Dataset[dict[str, torch.Tensor]]):
     Args:
         domain_a: volumes feeding the source domain.
         domain_b: volumes feeding the target domain.
-        misalignment: severity name applied to B (see :mod:`common.data.misalign`), or one
+        misalignment: severity name applied to B (see :mod:`fedsynth.common.data.misalign`), or one
             name per B volume (pooled sites that are misaligned differently).
         seed: base seed for B's pairing and misalignment draws.
 
@@ -99,13 +99,14 @@ class PairedSlices(Dataset[dict[str, torch.Tensor]]):
 
     Only slices usable in both volumes are kept. The mask is the target's, which is the source
     scan's mask where the target has data (a session's target takes its source's mask,
-    :mod:`common.data.pairing`): the region that exists at inference, the same for every model.
+    :mod:`fedsynth.common.data.pairing`): the region that exists at inference, the same for every
+    model.
 
     Args:
         pairs: (source, target) volumes of the same subjects.
         lesions: per pair, a lesion mask on the model grid, (H, W, D) bool (see
-            :func:`common.data.preprocess.preprocess_label`), or None; ``self.lesions`` is then
-            (n, H, W), all False for pairs without one, or None when no pair has one.
+            :func:`fedsynth.common.data.preprocess.preprocess_label`), or None; ``self.lesions`` is
+            then (n, H, W), all False for pairs without one, or None when no pair has one.
     """
 
     def __init__(
@@ -166,11 +167,11 @@ class PairedSlices(Dataset[dict[str, torch.Tensor]]):
 class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
     """A site's training examples: weakly paired slices first, then unpaired ones.
 
-    A weakly paired example is one slice position of one session: the source slice and the
-    target slice (on the source's grid, :mod:`common.data.pairing`) where both are usable. With a
-    misalignment severity, each image of the pair gets its own random affine, so the pair
-    differs by the composition of two draws (as RegGAN trains). An unpaired example takes an A
-    slice of a session without a target and a B slice chosen by a per-epoch permutation, as
+    A weakly paired example is one slice position of one session: the source slice and the target
+    slice (on the source's grid, :mod:`fedsynth.common.data.pairing`) where both are usable. With a
+    misalignment severity, each image of the pair gets its own random affine, so the pair differs by
+    the composition of two draws (as RegGAN trains). An unpaired example takes an A slice of a
+    session without a target and a B slice chosen by a per-epoch permutation, as
     :class:`UnpairedSlices`; when only one side has unpaired volumes, its partner is drawn from
     all of the other domain's slices (a subject missing T2w still meets T2w slices, of others).
 
@@ -215,7 +216,8 @@ class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
             if a.stack.depth != b.stack.depth or not np.allclose(a.stack.affine, b.stack.affine):
                 raise ValueError(
                     f"{a.scan.path} and {b.scan.path} are not on one grid: a weakly paired "
-                    "target must be preprocessed onto its source's grid (common.data.pairing)"
+                    "target must be preprocessed onto its source's grid "
+                    "(fedsynth.common.data.pairing)"
                 )
             _, ia, ib = np.intersect1d(a.stack.z, b.stack.z, return_indices=True)
             parts["a"].append(a.stack.slices[ia])
@@ -329,11 +331,11 @@ class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
 class PatientSlices:
     """A site's patients, each with the weakly paired examples only that patient's data makes.
 
-    The unit of patient-level DP-SGD (:mod:`client.privacy`): a Poisson batch draws patients,
-    and each drawn patient gives one of its own examples, chosen by :meth:`example`. Every
-    session of a subject is the same patient (sessions share ``scan.subject``). Subjects with
-    one modality only are left out: their examples pair one patient's slice with another's, so
-    a row would carry two people (``left_out`` names them).
+    The unit of patient-level DP-SGD (:mod:`fedsynth.client.privacy`): a Poisson batch draws
+    patients, and each drawn patient gives one of its own examples, chosen by :meth:`example`. Every
+    session of a subject is the same patient (sessions share ``scan.subject``). Subjects with one
+    modality only are left out: their examples pair one patient's slice with another's, so a row
+    would carry two people (``left_out`` names them).
 
     Args:
         examples: the site's training examples; only the weakly paired ones are used.

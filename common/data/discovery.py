@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data.errors import EmptySiteError, MissingModalityError
-from common.modalities import Direction, Modality
+from fedsynth.common.data.errors import EmptySiteError, MissingModalityError
+from fedsynth.common.modalities import Direction, Modality
 
 logger = logging.getLogger(__name__)
 

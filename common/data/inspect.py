@@ -5,7 +5,7 @@ survive preprocessing at the configured spacing and model size. Unusable files a
 the reason. The verdict names the directions the site can train (both modalities usable) and
 those it can also evaluate with true pairs (a subject with both). Per direction it counts the
 training examples: weakly paired (a session's two contrasts at one slice position, the target
-brought onto the source's grid, :mod:`common.data.pairing`) and unpaired.
+brought onto the source's grid, :mod:`fedsynth.common.data.pairing`) and unpaired.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
-from common.data.discovery import Scan, discover_site
-from common.data.errors import ScanError, scan_failures
-from common.data.loading import ScanLimits, read_scan
-from common.data.pairing import match_sessions
-from common.data.preprocess import GridReference, SliceStack, preprocess_scan
-from common.modalities import Direction, Modality
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.discovery import Scan, discover_site
+from fedsynth.common.data.errors import ScanError, scan_failures
+from fedsynth.common.data.loading import ScanLimits, read_scan
+from fedsynth.common.data.pairing import match_sessions
+from fedsynth.common.data.preprocess import GridReference, SliceStack, preprocess_scan
+from fedsynth.common.modalities import Direction, Modality
 
 CLIP_WARNING = 0.02  # warn when more foreground than this falls outside the model's view
 

@@ -30,10 +30,10 @@ from typing import IO, TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from common.data.errors import ScanError
+from fedsynth.common.data.errors import ScanError
 
 if TYPE_CHECKING:
-    from common.config import DataConfig
+    from fedsynth.common.config import DataConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Brain and head masks, robust intensity standardisation and anti-aliasing, as pure functions.
 
-Used by :mod:`common.data.preprocess`; measured on the real sites in BENCHMARKS.md (issue 16).
+Used by :mod:`fedsynth.common.data.preprocess`; measured on the real sites in BENCHMARKS.md (issue
+16).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from common.modalities import Modality
+from fedsynth.common.modalities import Modality
 
 # A voxel within this fraction of the intensity span (99.9th percentile - minimum) of the
 # background value is background.
@@ -20,7 +21,7 @@ BACKGROUND_TOLERANCE = 1e-3
 # most MAX_DARK_INTERIOR of them are dark (below DARK_LEVEL x their 99th percentile) without
 # touching the background. Measured (BENCHMARKS.md, issue 16) on the native, 1 mm and 3 mm grids:
 # 0.0-0.8 % dark interior voxels on the skull-stripped sites a-d, 4-39 % on the raw site-e heads
-# (noisy air, dark skull), 22-59 % on common.phantom's heads (Rician noise in all the air).
+# (noisy air, dark skull), 22-59 % on fedsynth.common.phantom's heads (Rician noise in all the air).
 MIN_BACKGROUND_FRACTION = 0.2
 MIN_LARGEST_SHARE = 0.95
 DARK_LEVEL = 0.05

@@ -7,10 +7,10 @@ same anatomy at the same world position, up to that head motion. This is the cas
 A subject (or session) that misses a modality is *unpaired*, the case CycleGAN is for. A site can
 hold both (FedMed-GAN's "mixed" mode).
 
-Pairing comes from the data, never from a flag: a source scan and a target scan pair when they
-share subject and session. The target is then brought onto the source's model grid through the
-two scanner affines (:class:`common.data.preprocess.GridReference`; no registration step), and
-takes the source's mask, so their slice indices name the same world position.
+Pairing comes from the data, never from a flag: a source scan and a target scan pair when they share
+subject and session. The target is then brought onto the source's model grid through the two scanner
+affines (:class:`fedsynth.common.data.preprocess.GridReference`; no registration step), and takes
+the source's mask, so their slice indices name the same world position.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from common.data.discovery import Scan
+from fedsynth.common.data.discovery import Scan
 
 __all__ = ["SessionMatch", "match_sessions"]
 

@@ -1,11 +1,11 @@
 """Turn one scan into normalised axial slices for the model, with a disk cache.
 
-The recipe (MONAI dictionary transforms, some written in :mod:`common.data.transforms`, which is
-imported only on a cache miss: MONAI's import is heavy):
+The recipe (MONAI dictionary transforms, some written in :mod:`fedsynth.common.data.transforms`,
+which is imported only on a cache miss: MONAI's import is heavy):
 
-    read + validate (common.data.loading) -> Orientationd("RAS") -> AntiAliasd (Gaussian
+    read + validate (fedsynth.common.data.loading) -> Orientationd("RAS") -> AntiAliasd (Gaussian
     pre-filter where the grid gets coarser) -> Spacingd(config spacing)
-    -> HeadMaskd (brain or head mask, :mod:`common.data.masks`) -> RobustNormalized
+    -> HeadMaskd (brain or head mask, :mod:`fedsynth.common.data.masks`) -> RobustNormalized
     (to [-1, 1], mapping kept)
     -> ResizeWithPadOrCropd (image_size x image_size in-plane, centred on the field of view)
     -> axial slices whose foreground fraction reaches ``min_foreground``
@@ -14,7 +14,7 @@ A scan can also be brought onto another scan's model grid (:class:`GridReference
 contrast of a session is resampled onto the first one's grid through their scanner affines
 (world coordinates; no registration), takes its mask, and is standardised inside it. That is how
 a session's contrasts on different grids become one weakly paired example
-(:mod:`common.data.pairing`).
+(:mod:`fedsynth.common.data.pairing`).
 
 Intensity scale (documented, and inverted by :meth:`IntensityMapping.to_native`): MR
 volumes map their foreground's ``percentiles`` (default 0.5 and 99.5) linearly to -1 and 1 and
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from common.config import DataConfig
-from common.data.errors import ScanError, scan_failures
-from common.data.loading import (
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.errors import ScanError, scan_failures
+from fedsynth.common.data.loading import (
     LoadedScan,
     ScanLimits,
     check_resampled_grid,
@@ -46,9 +46,9 @@ from common.data.loading import (
     read_header,
     read_scan,
 )
-from common.data.masks import standardisation_range
-from common.io import atomic_save
-from common.modalities import Modality
+from fedsynth.common.data.masks import standardisation_range
+from fedsynth.common.io import atomic_save
+from fedsynth.common.modalities import Modality
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def intensity_mapping(
     volume: np.ndarray, mask: np.ndarray, modality: Modality, config: DataConfig
 ) -> IntensityMapping:
     """The native-to-model map of one volume: CT's fixed HU window, else the mask's robust range
-    (:func:`common.data.masks.standardisation_range`)."""
+    (:func:`fedsynth.common.data.masks.standardisation_range`)."""
     if modality is Modality.CT:
         low, high = config.ct_window_hu
         return IntensityMapping(float(low), float(high), "window")
@@ -218,7 +218,7 @@ def _preprocess_volume(
         check_resampled_grid(scan.path, scan.data.shape, scan.affine, config.spacing_mm, limits)
     else:
         scan = read_scan(Path(source), limits, config.spacing_mm)
-    from common.data import transforms  # MONAI: only when a scan is really preprocessed
+    from fedsynth.common.data import transforms  # MONAI: only when a scan is really preprocessed
 
     if reference is not None:
         return transforms.onto_reference(scan, modality, config, reference)
@@ -247,7 +247,7 @@ def preprocess_label(path: Path, config: DataConfig) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise ScanError(path, f"label mask of shape {data.shape}, expected a 3D volume")
-    from common.data import transforms  # MONAI: only when a label is really resampled
+    from fedsynth.common.data import transforms  # MONAI: only when a label is really resampled
 
     with scan_failures(path, "resampling the label mask"):
         return transforms.label_on_model_grid(data > 0.5, np.asarray(image.affine), config)

@@ -1,12 +1,12 @@
 """One hospital's training data: validated scans of a direction's two domains, as slice stacks.
 
 :func:`load_site` is what a client calls at start-up. It refuses to start on unusable scans
-(listing every one, with its reason) unless ``skip_bad`` is set, in which case each skipped file
-is logged as a warning and the rest is used. Sessions that hold both modalities become weakly
-paired examples, the target brought onto the source's grid (:mod:`common.data.pairing`); the
-rest is unpaired. ``data.pairing = "unpaired"`` instead trains as plain CycleGAN did
-(:func:`assign_domains`: no subject feeds both domains when the site has two or more subjects),
-for comparison; evaluation uses the pairs either way.
+(listing every one, with its reason) unless ``skip_bad`` is set, in which case each skipped file is
+logged as a warning and the rest is used. Sessions that hold both modalities become weakly paired
+examples, the target brought onto the source's grid (:mod:`fedsynth.common.data.pairing`); the rest
+is unpaired. ``data.pairing = "unpaired"`` instead trains as plain CycleGAN did
+(:func:`assign_domains`: no subject feeds both domains when the site has two or more subjects), for
+comparison; evaluation uses the pairs either way.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
-from common.data.discovery import Scan, SiteInventory, discover_site
-from common.data.errors import BadScansError, MissingModalityError, ScanError
-from common.data.pairing import match_sessions
-from common.data.preprocess import GridReference, SliceCache, SliceStack
-from common.modalities import Direction
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.discovery import Scan, SiteInventory, discover_site
+from fedsynth.common.data.errors import BadScansError, MissingModalityError, ScanError
+from fedsynth.common.data.pairing import match_sessions
+from fedsynth.common.data.preprocess import GridReference, SliceCache, SliceStack
+from fedsynth.common.modalities import Direction
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SiteData:
     them. ``domain_a`` / ``domain_b`` are every source / target volume in weakly paired mode,
     and the subject split of :func:`assign_domains` in unpaired mode. ``validation`` holds the
     (source, target) volumes or sub-stacks held out of training to choose models on (empty as
-    loaded; filled by :func:`common.data.validation.hold_out`, which removes them from
+    loaded; filled by :func:`fedsynth.common.data.validation.hold_out`, which removes them from
     ``paired``).
     """
 

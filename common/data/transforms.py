@@ -1,9 +1,10 @@
 """The MONAI side of preprocessing: the dictionary transforms fedsynth writes and the recipes.
 
-Imported by :mod:`common.data.preprocess` only when a scan is really preprocessed (a cache miss):
-MONAI's package import costs about 1.5-2 s of CPU (it loads most of its submodules, matplotlib
-among them), which a ClientApp whose slices are all cached should not pay every round. See
-:mod:`common.data.preprocess` for the recipe.
+Imported by :mod:`fedsynth.common.data.preprocess` only when a scan is really preprocessed (a cache
+miss): MONAI's package import costs about 1.5-2 s of CPU (it loads most of its submodules,
+matplotlib among them), which a ClientApp whose slices are all cached should not pay every round.
+See
+:mod:`fedsynth.common.data.preprocess` for the recipe.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from monai.transforms import (
     Spacingd,
 )
 
-from common.config import DataConfig
-from common.data.loading import LoadedScan, read_scan
-from common.data.masks import antialias, subject_mask
-from common.data.preprocess import (
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.loading import LoadedScan, read_scan
+from fedsynth.common.data.masks import antialias, subject_mask
+from fedsynth.common.data.preprocess import (
     GridReference,
     PreprocessedVolume,
     intensity_mapping,
 )
-from common.modalities import Modality
+from fedsynth.common.modalities import Modality
 
 
 class LoadScand(MapTransform):
@@ -54,7 +55,7 @@ class AntiAliasd(MapTransform):
     """Gaussian pre-filter along the axes that :class:`Spacingd` will make coarser.
 
     Reads the (reoriented) voxel size from the MetaTensor's affine; see
-    :func:`common.data.masks.antialias` for the filter's width.
+    :func:`fedsynth.common.data.masks.antialias` for the filter's width.
     """
 
     def __init__(self, keys: str, pixdim: tuple[float, float, float]):
@@ -73,7 +74,8 @@ class AntiAliasd(MapTransform):
 
 
 class HeadMaskd(MapTransform):
-    """Add ``mask`` (same shape, 0/1) computed by :func:`common.data.masks.subject_mask`."""
+    """Add ``mask`` (same shape, 0/1) computed by
+    :func:`fedsynth.common.data.masks.subject_mask`."""
 
     def __init__(self, keys: str, modality: Modality, mask_key: str = "mask"):
         super().__init__(keys)
@@ -181,7 +183,7 @@ class _Onesd(MapTransform):
 
 
 def own_grid(scan: LoadedScan, modality: Modality, config: DataConfig) -> PreprocessedVolume:
-    """The recipe on a scan's own grid (see :mod:`common.data.preprocess`)."""
+    """The recipe on a scan's own grid (see :mod:`fedsynth.common.data.preprocess`)."""
     result = build_pipeline(modality, config)({"image": scan})
     image: MetaTensor = result["image"]
     mask = result["mask"][0].numpy() > 0.5

@@ -1,7 +1,7 @@
 """A site's own validation data: part of its weakly paired sessions, held out of training.
 
-Models are chosen on the sites' own validation data, never on a test site (DESIGN.md, data flow
-4). :func:`hold_out` splits a loaded site (:func:`common.data.site.load_site`) into what trains
+Models are chosen on the sites' own validation data, never on a test site (DESIGN.md, data flow 4).
+:func:`hold_out` splits a loaded site (:func:`fedsynth.common.data.site.load_site`) into what trains
 and what validates, in one of two units:
 
 * **subjects**, when the site has at least :data:`MIN_SUBJECTS` subjects with a paired session:
@@ -15,10 +15,11 @@ and what validates, in one of two units:
   leave both images' training stacks. Blocks keep neighbouring slices on one side except at
   block borders. A session with fewer than two blocks is not split (it trains whole).
 
-The held-out sub-stacks keep their ``z`` indices, so :class:`common.data.datasets.PairedSlices`
-pairs them as it pairs whole volumes. The split is a function of the site's volumes, ``fraction``
-and ``seed`` only. Evaluation of an unseen test site (:func:`common.evaluation.site_pairs`) never
-splits anything: callers apply :func:`hold_out` to training sites only.
+The held-out sub-stacks keep their ``z`` indices, so
+:class:`fedsynth.common.data.datasets.PairedSlices` pairs them as it pairs whole volumes. The split
+is a function of the site's volumes, ``fraction`` and ``seed`` only. Evaluation of an unseen test
+site (:func:`fedsynth.common.evaluation.site_pairs`) never splits anything: callers apply
+:func:`hold_out` to training sites only.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.data.datasets import PairedSlices
-from common.data.site import SiteData, Volume
+from fedsynth.common.data.datasets import PairedSlices
+from fedsynth.common.data.site import SiteData, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +148,10 @@ def _take(volume: Volume, keep: np.ndarray) -> Volume:
 
 
 def validation_pairs(site: SiteData) -> list[tuple[str, PairedSlices]]:
-    """The site's validation part grouped per session, as :func:`common.evaluation.site_pairs`
-    groups a site's pairs (for :func:`common.evaluation.evaluate_pairs`); empty without any."""
+    """The site's validation part grouped per session, as
+    :func:`fedsynth.common.evaluation.site_pairs` groups a site's pairs (for
+    :func:`fedsynth.common.evaluation.evaluate_pairs`); empty without
+    any."""
     grouped = []
     for a, b in site.validation:
         label = a.scan.subject + (f" {a.scan.session}" if a.scan.session else "")

@@ -6,8 +6,8 @@ Build them with :func:`define_generator`, :func:`define_discriminator` and
 
 from __future__ import annotations
 
-from common.models.discriminators import PatchDiscriminator, patch_receptive_field
-from common.models.factory import (
+from fedsynth.common.models.discriminators import PatchDiscriminator, patch_receptive_field
+from fedsynth.common.models.factory import (
     count_parameters,
     define_cyclegan,
     define_discriminator,
@@ -16,8 +16,8 @@ from common.models.factory import (
     freeze_encoder,
     init_weights,
 )
-from common.models.generators import ResidualBlock, ResnetGenerator, UnetGenerator
-from common.models.registration import RegistrationNet, flow_to_pixels, identity_grid, warp
+from fedsynth.common.models.generators import ResidualBlock, ResnetGenerator, UnetGenerator
+from fedsynth.common.models.registration import RegistrationNet, flow_to_pixels, identity_grid, warp
 
 __all__ = [
     "PatchDiscriminator",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.models.generators import instance_norm
+from fedsynth.common.models.generators import instance_norm
 
 __all__ = ["PatchDiscriminator", "patch_receptive_field"]
 

@@ -1,4 +1,5 @@
-"""Build a run's networks from its :class:`~common.config.ModelConfig`, initialised as in CycleGAN.
+"""Build a run's networks from its :class:`~fedsynth.common.config.ModelConfig`, initialised as in
+CycleGAN.
 
 Code names and the names of Zhu et al. (ICCV 2017), for domains A (source) and B (target):
 
@@ -20,11 +21,11 @@ import logging
 import torch
 from torch import nn
 
-from common.config import ModelConfig
-from common.models.discriminators import PatchDiscriminator
-from common.models.generators import ResnetGenerator, UnetGenerator, check_unet_size
-from common.models.intensity import PriorGenerator
-from common.models.registration import RegistrationNet
+from fedsynth.common.config import ModelConfig
+from fedsynth.common.models.discriminators import PatchDiscriminator
+from fedsynth.common.models.generators import ResnetGenerator, UnetGenerator, check_unet_size
+from fedsynth.common.models.intensity import PriorGenerator
+from fedsynth.common.models.registration import RegistrationNet
 
 __all__ = [
     "count_parameters",

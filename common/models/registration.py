@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.generators import instance_norm
+from fedsynth.common.models.generators import instance_norm
 
 __all__ = ["RegistrationNet", "flow_to_pixels", "identity_grid", "warp"]
 
@@ -61,7 +61,7 @@ def flow_to_pixels(flow: torch.Tensor) -> torch.Tensor:
     """Convert a normalised ``(batch, 2, H, W)`` flow to pixel displacements (x by W/2, y by H/2).
 
     RegGAN's registration network outputs pixels; use this before :func:`smoothness_loss
-    <common.losses.smoothness_loss>` to weigh the smoothness term on RegGAN's scale.
+    <fedsynth.common.losses.smoothness_loss>` to weigh the smoothness term on RegGAN's scale.
     """
     height, width = flow.shape[-2:]
     scale = torch.tensor([width / 2, height / 2], device=flow.device, dtype=flow.dtype)

@@ -8,8 +8,8 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.audit import describe
-from common.federation import ARRAYS, METRICS, to_record
+from fedsynth.client.audit import describe
+from fedsynth.common.messages import ARRAYS, METRICS, to_record
 
 
 def _messages() -> tuple[Message, Message]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import setup_site_logging
-from client.federated import (
+from fedsynth.client.app import setup_site_logging
+from fedsynth.client.site_round import (
     DiskStore,
     MemoryStore,
     SiteError,
@@ -18,15 +18,15 @@ from client.federated import (
     evaluate_round,
     train_round,
 )
-from client.trainer import CycleGANTrainer
-from common.config import RunConfig, dumps_config
-from common.data.datasets import PairedSlices, training_set
-from common.data.site import load_site
-from common.data.validation import hold_out, validation_pairs, validation_slices
-from common.evaluation import evaluate_pairs
-from common.federation import SHARED_NETS, RoundInstruction, flatten
-from common.models import define_cyclegan
-from simulations.inprocess import phantom_sites, tiny_config
+from fedsynth.client.trainer import CycleGANTrainer
+from fedsynth.common.config import RunConfig, dumps_config
+from fedsynth.common.data.datasets import PairedSlices, training_set
+from fedsynth.common.data.site import load_site
+from fedsynth.common.data.validation import hold_out, validation_pairs, validation_slices
+from fedsynth.common.evaluation import evaluate_pairs
+from fedsynth.common.messages import SHARED_NETS, RoundInstruction, flatten
+from fedsynth.common.models import define_cyclegan
+from fedsynth.simulations.engines.inprocess import phantom_sites, tiny_config
 from tests.client.test_trainer import SIZE, TINY, _batches, _training
 
 
@@ -118,16 +118,16 @@ def test_site_settings_from_node_or_simulation_config(tmp_path: Path) -> None:
 def test_site_logging_reaches_stderr_and_the_state_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    names = ("client", "common", "fedsynth.client")
+    names = ("fedsynth.client", "fedsynth.common")
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
     try:
         setup_site_logging(tmp_path / "a")
         setup_site_logging(tmp_path / "a")  # every round calls it: no second handler
-        logging.getLogger("client.federated").info("round 3: step 10/40")
+        logging.getLogger("fedsynth.client.site_round").info("round 3: step 10/40")
         assert (tmp_path / "a" / "site.log").read_text().count("round 3: step 10/40") == 1
         assert capsys.readouterr().err.count("fedsynth: round 3: step 10/40") == 1
         setup_site_logging(tmp_path / "b")  # another simulated site in the same process
-        logging.getLogger("common.data").warning("skipped a scan")
+        logging.getLogger("fedsynth.common.data").warning("skipped a scan")
         assert "skipped a scan" in (tmp_path / "b" / "site.log").read_text()
         assert "skipped a scan" not in (tmp_path / "a" / "site.log").read_text()
     finally:

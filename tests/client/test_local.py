@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from client.local import BEST_CHECKPOINT_DIR, BEST_NAME, VALIDATION_METRIC, best_epoch, train_local
-from common.checkpoint import load_checkpoint
-from common.data.site import load_site
-from common.data.validation import hold_out, validation_pairs
-from common.evaluation import evaluate_pairs
-from common.models import define_generator
-from simulations.inprocess import phantom_sites, tiny_config
+from fedsynth.client.local import (
+    BEST_CHECKPOINT_DIR,
+    BEST_NAME,
+    VALIDATION_METRIC,
+    best_epoch,
+    train_local,
+)
+from fedsynth.common.checkpoint import load_checkpoint
+from fedsynth.common.data.site import load_site
+from fedsynth.common.data.validation import hold_out, validation_pairs
+from fedsynth.common.evaluation import evaluate_pairs
+from fedsynth.common.models import define_generator
+from fedsynth.simulations.engines.inprocess import phantom_sites, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +111,7 @@ def test_a_skipped_file_is_named_once_though_the_site_is_trained_and_evaluated(
     config = tiny_config(
         *SETTINGS, "training.epochs=1", f"output_dir={tmp_path}", "name=local", "data.skip_bad=true"
     )
-    with caplog.at_level("WARNING", logger="common.data.site"):
+    with caplog.at_level("WARNING", logger="fedsynth.common.data.site"):
         run = train_local([tmp_path / "site"], config, evaluate=True)
     assert len(run.evaluations) == 1 and run.evaluations[0].site == "site"
     (path,) = bad

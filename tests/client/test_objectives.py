@@ -15,12 +15,12 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-import client.objectives
-from client.objectives import Examples, generator_objective, merge_metrics
-from client.privacy import plan_noise
-from client.trainer import CycleGANTrainer, _target
-from common.config import ModelConfig, PrivacyConfig, TrainingConfig
-from common.losses import (
+import fedsynth.client.objectives
+from fedsynth.client.objectives import Examples, generator_objective, merge_metrics
+from fedsynth.client.privacy import plan_noise
+from fedsynth.client.trainer import CycleGANTrainer, _target
+from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
+from fedsynth.common.losses import (
     cycle_loss,
     identity_loss,
     paired_l1_loss,
@@ -81,13 +81,13 @@ def _record_r(net: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _record_correction_targets(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Every target the registration-corrected loss is computed against, from now on."""
     corrected: list[torch.Tensor] = []
-    original = client.objectives.registration_correction_loss
+    original = fedsynth.client.objectives.registration_correction_loss
 
     def spy(warped: torch.Tensor, target: torch.Tensor, weight: Any = None) -> torch.Tensor:
         corrected.append(target.detach().clone())
         return original(warped, target, weight)
 
-    monkeypatch.setattr(client.objectives, "registration_correction_loss", spy)
+    monkeypatch.setattr(fedsynth.client.objectives, "registration_correction_loss", spy)
     return corrected
 
 

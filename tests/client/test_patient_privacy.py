@@ -16,16 +16,21 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import default_collate
 
-from client.privacy import PatientPoissonLoader, plan_noise, private_loader, private_population
-from client.trainer import CycleGANTrainer
-from common.accounting import RDP_ORDERS
-from common.config import ModelConfig, PrivacyConfig, TrainingConfig
-from common.data.datasets import PatientSlices, TrainingSlices
-from common.data.discovery import Scan
-from common.data.preprocess import SliceStack
-from common.data.site import Volume
-from common.modalities import Modality
-from common.models import freeze_encoder
+from fedsynth.client.privacy import (
+    PatientPoissonLoader,
+    plan_noise,
+    private_loader,
+    private_population,
+)
+from fedsynth.client.trainer import CycleGANTrainer
+from fedsynth.common.accounting import RDP_ORDERS
+from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
+from fedsynth.common.data.datasets import PatientSlices, TrainingSlices
+from fedsynth.common.data.discovery import Scan
+from fedsynth.common.data.preprocess import SliceStack
+from fedsynth.common.data.site import Volume
+from fedsynth.common.modalities import Modality
+from fedsynth.common.models import freeze_encoder
 
 SIZE = 16
 TINY = ModelConfig(generator="unet", unet_depth=3, ngf=4, ndf=4, d_layers=1, intensity_prior=5)
@@ -281,6 +286,6 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_trains_the_rest() -> None:
     for key, param in g_ab.named_parameters():
         assert torch.equal(before[key], param.detach()) == (key not in trained), key
     with pytest.raises(ValueError, match=r"needs model\.generator = 'unet'"):
-        from common.models import define_generator
+        from fedsynth.common.models import define_generator
 
         freeze_encoder(define_generator(ModelConfig(generator="resnet"), SIZE))

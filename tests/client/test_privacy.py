@@ -18,7 +18,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from client.privacy import (
+from fedsynth.client.privacy import (
     BudgetSpentError,
     NoisePlan,
     SiteAccountant,
@@ -28,10 +28,10 @@ from client.privacy import (
     patient_epsilon,
     plan_noise,
 )
-from client.trainer import CycleGANTrainer, _target
-from common.accounting import RDP_ORDERS
-from common.config import ModelConfig, PrivacyConfig, TrainingConfig
-from common.models import define_cyclegan
+from fedsynth.client.trainer import CycleGANTrainer, _target
+from fedsynth.common.accounting import RDP_ORDERS
+from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
+from fedsynth.common.models import define_cyclegan
 
 TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, d_layers=1)
 SIZE = 16

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client import worker
-from client.worker import WORKER_ENV, ForkExecutor
+from fedsynth.client import worker
+from fedsynth.client.worker import WORKER_ENV, ForkExecutor
 
 
 @dataclass
@@ -81,9 +81,9 @@ def test_the_worker_forks_with_one_thread_and_without_cuda() -> None:
     """In the worker's environment, everything the ClientApp imports starts no thread (OpenBLAS
     would, without WORKER_ENV) and CUDA stays uninitialised: a fork copies only this thread."""
     probe = (
-        "import client.app, torch\n"
+        "import fedsynth.client.app, torch\n"
         "from flwr.supercore.superexec import run_superexec\n"
-        "from client.worker import thread_count\n"
+        "from fedsynth.client.worker import thread_count\n"
         "print(thread_count(), torch.cuda.is_initialized())\n"
     )
     env = {**os.environ, **WORKER_ENV}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.baselines import (
+from fedsynth.common.baselines import (
     BASELINE_NAMES,
     CONSTANT,
     DEFAULT_BINS,
@@ -27,7 +27,7 @@ from common.baselines import (
     site_intensity_stats,
     site_statistics,
 )
-from common.config import DataConfig
+from fedsynth.common.config import DataConfig
 from tests.conftest import SiteMaker
 
 DATA = DataConfig(
@@ -220,8 +220,8 @@ def test_no_pair_no_lookup_table_but_the_others_fit() -> None:
 def test_a_sites_statistics_come_from_its_paired_slices_and_target_volumes(
     make_site: SiteMaker, tmp_path: Path
 ) -> None:
-    from common.data.datasets import PairedSlices
-    from common.data.site import load_site
+    from fedsynth.common.data.datasets import PairedSlices
+    from fedsynth.common.data.site import load_site
 
     root = make_site(
         "s", {"sub-01": ["T1w", "T2w"], "sub-02": ["T1w", "T2w"], "sub-03": ["T2w"]}, (24, 26, 20)
@@ -256,13 +256,13 @@ def test_a_sites_statistics_come_from_its_paired_slices_and_target_volumes(
 def test_checkpoint_metadata_carries_statistics_and_old_checkpoints_still_load(
     tmp_path: Path,
 ) -> None:
-    from common.checkpoint import (
+    from fedsynth.common.checkpoint import (
         METADATA_NAME,
         CheckpointError,
         CheckpointMetadata,
         read_metadata,
     )
-    from common.config import ModelConfig
+    from fedsynth.common.config import ModelConfig
 
     record = site_intensity_stats(fake_site(9)).to_dict()
     meta = CheckpointMetadata(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import (
+from fedsynth.common.checkpoint import (
     METADATA_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -20,10 +20,10 @@ from common.checkpoint import (
     load_into,
     save_checkpoint,
 )
-from common.config import DataConfig, ModelConfig
-from common.modalities import Modality
-from common.models import define_generator, init_weights
-from common.synthesis import Synthesizer, guess_modality
+from fedsynth.common.config import DataConfig, ModelConfig
+from fedsynth.common.modalities import Modality
+from fedsynth.common.models import define_generator, init_weights
+from fedsynth.common.synthesis import Synthesizer, guess_modality
 from tests.conftest import head_volume, save_nifti, shared_site
 
 TINY = ModelConfig(ngf=8, n_blocks=1, ndf=8, d_layers=1)
@@ -132,7 +132,7 @@ def test_synthesized_volume_keeps_the_input_grid(tmp_path: Path) -> None:
 
 def test_synthesis_matches_the_generator_on_the_model_grid(tmp_path: Path) -> None:
     """Independent path: preprocess, run G_AB by hand, compare at the voxels of the model grid."""
-    from common.data.preprocess import preprocess_volume
+    from fedsynth.common.data.preprocess import preprocess_volume
 
     # An input already on the model grid (RAS, 3 mm, 64x64 in-plane): resampling is the identity.
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
@@ -189,8 +189,8 @@ BF16_P99_TOLERANCE = 0.02
 
 
 def test_bf16_synthesis_stays_close_to_fp32_on_trained_weights(tmp_path: Path) -> None:
-    from client.trainer import CycleGANTrainer
-    from common.config import TrainingConfig
+    from fedsynth.client.trainer import CycleGANTrainer
+    from fedsynth.common.config import TrainingConfig
 
     trainer = CycleGANTrainer(TINY, TrainingConfig(device="cpu", batch_size=2), 64)
     source = head_volume("T1w", (64, 64, 20))
@@ -221,7 +221,7 @@ def test_synthesize_refuses_a_damaged_input_with_its_name_and_writes_nothing(
 ) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedsynth.cli.main import app
     from tests.intake import BAD_KINDS
 
     ckpt = _checkpoint(tmp_path / "ckpt")

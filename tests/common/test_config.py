@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
+from fedsynth.common.config import (
     RESOLVED_CONFIG_NAME,
     ConfigError,
     RunConfig,

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.baselines import HistogramMatcher
-from common.config import DataConfig
-from common.evaluation import evaluate_pairs, site_pairs, subject_metrics
+from fedsynth.common.baselines import HistogramMatcher
+from fedsynth.common.config import DataConfig
+from fedsynth.common.evaluation import evaluate_pairs, site_pairs, subject_metrics
 from tests.conftest import SiteMaker, head_volume, save_nifti
 
 DATA = DataConfig(
@@ -90,10 +90,10 @@ def test_histogram_matching_cannot_invert_contrast(tmp_path: Path) -> None:
 
 
 def test_lesion_metrics_come_from_the_derivatives_mask(tmp_path: Path) -> None:
-    from common.data.discovery import find_lesion_mask
-    from common.data.preprocess import preprocess_label
-    from common.metrics import region_metrics, to_unit
-    from common.phantom import generate_consortium
+    from fedsynth.common.data.discovery import find_lesion_mask
+    from fedsynth.common.data.preprocess import preprocess_label
+    from fedsynth.common.metrics import region_metrics, to_unit
+    from fedsynth.common.phantom import generate_consortium
 
     (site,) = generate_consortium(
         tmp_path, sites=1, subjects=[1], seed=3, voxel_size=4.0, modalities=["T1w", "T2w"]
@@ -137,7 +137,7 @@ def test_no_lesion_mask_no_lesion_metrics(make_site: SiteMaker) -> None:
 def test_a_predictor_is_given_the_evaluation_mask_and_scored_like_a_model(
     make_site: SiteMaker,
 ) -> None:
-    from common.evaluation import add_baselines, evaluate_predictor
+    from fedsynth.common.evaluation import add_baselines, evaluate_predictor
 
     _, pairs = site_pairs(make_site(), DATA)
     seen: list[np.ndarray] = []
@@ -170,12 +170,12 @@ def test_evaluate_scores_the_checkpoints_baselines_on_the_same_subjects(
 
     from typer.testing import CliRunner
 
-    from common.baselines import BASELINE_NAMES, CONSTANT, baseline_statistics
-    from common.checkpoint import CheckpointMetadata, save_checkpoint
-    from common.config import ModelConfig
-    from common.data.site import load_site
-    from common.models import define_generator, init_weights
-    from simulations.cli import app
+    from fedsynth.cli.main import app
+    from fedsynth.common.baselines import BASELINE_NAMES, CONSTANT, baseline_statistics
+    from fedsynth.common.checkpoint import CheckpointMetadata, save_checkpoint
+    from fedsynth.common.config import ModelConfig
+    from fedsynth.common.data.site import load_site
+    from fedsynth.common.models import define_generator, init_weights
 
     data = DATA.model_copy(update={"cache_dir": tmp_path / "cache"})
     training = load_site(make_site("train"), data)
@@ -230,10 +230,10 @@ def test_evaluate_names_a_damaged_scan_and_goes_on_with_skip_bad(
 ) -> None:
     from typer.testing import CliRunner
 
-    from common.checkpoint import CheckpointMetadata, save_checkpoint
-    from common.config import ModelConfig
-    from common.models import define_generator, init_weights
-    from simulations.cli import app
+    from fedsynth.cli.main import app
+    from fedsynth.common.checkpoint import CheckpointMetadata, save_checkpoint
+    from fedsynth.common.config import ModelConfig
+    from fedsynth.common.models import define_generator, init_weights
     from tests.intake import BAD_KINDS
 
     site = make_site("test", {"sub-07": ["T1w", "T2w"]})

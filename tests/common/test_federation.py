@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
-from common.federation import (
+from fedsynth.common.messages import (
     ARRAYS,
     METRICS,
     apply_update,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from common.flower import RUN_CONFIG, write_app_dir
+from fedsynth.common.flower_processes import RUN_CONFIG, write_app_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 # How the apps read a run-config key: run_config.get("key"), run_config["key"] or, in
-# client.federated, text("key", run_config).
+# fedsynth.client.site_round, text("key", run_config).
 READS = re.compile(
     r"""run_config(?:\.get\(|\[)\s*["']([a-z][a-z-]*)["']|text\(\s*["']([a-z][a-z-]*)["'],\s*run_config"""
 )
@@ -50,7 +50,7 @@ def test_waiting_for_a_run_reads_its_status_in_process(monkeypatch: pytest.Monke
     """No `flwr ls` process per poll: the status comes from one in-process Control API client."""
     import subprocess
 
-    from common import flower
+    from fedsynth.common import flower
 
     def no_process(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"a process was started: {args}")

@@ -11,7 +11,7 @@ from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 from flwr.supernode import start_client_internal
 
-from common.flower_waits import (
+from fedsynth.common.flower_waits import (
     OBJECT_RETRY_CAP_S,
     OBJECT_RETRY_S,
     quick_object_pulls,

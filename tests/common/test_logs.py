@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.logs import OPACUS_FORMAT, drop_opacus_root_handler
+from fedsynth.common.logs import OPACUS_FORMAT, drop_opacus_root_handler
 
 
 def test_only_the_handler_opacus_installs_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:

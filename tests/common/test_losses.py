@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from common.config import TrainingConfig
-from common.losses import (
+from fedsynth.common.config import TrainingConfig
+from fedsynth.common.losses import (
     GanLossKind,
     cycle_loss,
     discriminator_loss,

@@ -1,4 +1,4 @@
-"""Tests for common.metrics: every metric against an independent computation.
+"""Tests for fedsynth.common.metrics: every metric against an independent computation.
 
 References: scikit-image (PSNR, SSIM; a test-only dependency), plain numpy / Python sums, and an
 explicit DFT matrix with a loop over pixels for the k-space bands.
@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 from skimage import metrics as skimage_metrics  # the reference; a test-only dependency
 
-from common.metrics import (
+from fedsynth.common.metrics import (
     BAND_NAMES,
     SSIM_BORDER,
     image_metrics,

@@ -14,8 +14,8 @@ import numpy.typing as npt
 import pytest
 from scipy import ndimage
 
-from common.modalities import Modality
-from common.phantom import (
+from fedsynth.common.modalities import Modality
+from fedsynth.common.phantom import (
     DEFAULT_MODALITIES,
     LABELS,
     SequenceParams,
@@ -438,7 +438,7 @@ def test_contrast_enhanced_t1w_is_written_when_asked(tmp_path: Path) -> None:
 def test_phantom_exist_ok_keeps_matching_sites_and_refuses_others(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedsynth.cli.main import app
 
     runner = CliRunner()
     args = ["phantom", str(tmp_path / "p"), "--sites", "2", "--subjects", "1,1", "--voxel-mm",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from common.config import ModelConfig
-from common.models import define_generator, init_weights
-from common.wire import (
+from fedsynth.common.config import ModelConfig
+from fedsynth.common.models import define_generator, init_weights
+from fedsynth.common.wire import (
     INTEGERS,
     LAYOUT,
     VALUES,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.inprocess import phantom_sites
+from fedsynth.simulations.engines.inprocess import phantom_sites
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from server.certs import make_certificates
+from fedsynth.server.certs import make_certificates
 
 
 def test_certificates_chain_and_keys(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_a_hospital_makes_its_own_key_pair_and_keeps_the_private_half(tmp_path: 
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedsynth.cli.main import app
 
     result = CliRunner().invoke(app, ["keygen", str(tmp_path), "--site", "hospital-a"])
     assert result.exit_code == 0, result.output
@@ -62,7 +62,7 @@ def test_a_hospital_makes_its_own_key_pair_and_keeps_the_private_half(tmp_path: 
 def test_a_coordinator_without_hospital_keys_refuses_to_start(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedsynth.cli.main import app
 
     runner = CliRunner()
     made = runner.invoke(app, ["certs", str(tmp_path / "certs"), "--host", "fl.example.org"])
@@ -78,7 +78,7 @@ def test_a_coordinator_without_hospital_keys_refuses_to_start(tmp_path: Path) ->
 def test_exist_ok_keeps_a_complete_set_and_refuses_an_incomplete_one(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedsynth.cli.main import app
 
     runner = CliRunner()
     certs = tmp_path / "certs"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import CheckpointMetadata, load_checkpoint
-from common.config import DataConfig, ModelConfig
-from common.models import define_generator, init_weights
-from server.checkpoint import (
+from fedsynth.common.checkpoint import CheckpointMetadata, load_checkpoint
+from fedsynth.common.config import DataConfig, ModelConfig
+from fedsynth.common.models import define_generator, init_weights
+from fedsynth.server.round_store import (
     BEST_NAME,
     ROUND_RECORD,
     BestRound,

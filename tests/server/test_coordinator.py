@@ -14,12 +14,18 @@ import pytest
 from flwr.app import Message
 from safetensors.numpy import load_file
 
-from common.federation import ARRAYS, METRICS, from_record
-from common.synthesis import Synthesizer
-from server.checkpoint import BEST_NAME, best_checkpoint, best_round, latest_round, round_dir
-from server.coordinator import Coordinator, CoordinatorStoppedError
-from server.status import read_status
-from simulations.inprocess import InProcessGrid, tiny_config
+from fedsynth.common.messages import ARRAYS, METRICS, from_record
+from fedsynth.common.synthesis import Synthesizer
+from fedsynth.server.coordinator import Coordinator, CoordinatorStoppedError
+from fedsynth.server.round_store import (
+    BEST_NAME,
+    best_checkpoint,
+    best_round,
+    latest_round,
+    round_dir,
+)
+from fedsynth.server.status import read_status
+from fedsynth.simulations.engines.inprocess import InProcessGrid, tiny_config
 
 
 def _nodes(sites: list[Path], tmp: Path, **extra: dict[str, str]) -> dict[int, dict[str, str]]:
@@ -370,7 +376,7 @@ def test_round_one_starts_from_the_given_generators_and_the_run_says_which(
     """``federation.initial_generators``: a train-local checkpoint (here of one phantom site; in
     practice public data) is what the sites receive in round 1, and run.json names it with its
     hash. A checkpoint of another model is refused before any round, naming the setting."""
-    from client.local import train_local
+    from fedsynth.client.local import train_local
 
     local = train_local(
         [sites[2]],

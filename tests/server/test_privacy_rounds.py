@@ -17,17 +17,17 @@ import pytest
 from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
-from client.local import train_local
-from client.privacy import NoisePlan, SiteAccountant
-from common.accounting import RDP_ORDERS
-from common.config import RunConfig
-from common.federation import ARRAYS, METRICS, from_record
-from common.synthesis import Synthesizer
-from server.checkpoint import round_dir
-from server.cli import console, render_status
-from server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
-from server.status import read_status
-from simulations.inprocess import InProcessGrid, tiny_config
+from fedsynth.client.local import train_local
+from fedsynth.client.privacy import NoisePlan, SiteAccountant
+from fedsynth.common.accounting import RDP_ORDERS
+from fedsynth.common.config import RunConfig
+from fedsynth.common.messages import ARRAYS, METRICS, from_record
+from fedsynth.common.synthesis import Synthesizer
+from fedsynth.server.cli import console, render_status
+from fedsynth.server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError
+from fedsynth.server.round_store import round_dir
+from fedsynth.server.status import read_status
+from fedsynth.simulations.engines.inprocess import InProcessGrid, tiny_config
 from tests.conftest import training_examples, training_patients
 
 SIGMA = 1.1
@@ -356,7 +356,7 @@ def test_site_level_dp_refuses_rules_that_are_not_a_mean() -> None:
 def test_site_level_noise_is_resumed_exactly() -> None:
     import torch
 
-    from server.strategy import Aggregator, SiteLevelDP, SiteUpdate
+    from fedsynth.server.strategy import Aggregator, SiteLevelDP, SiteUpdate
 
     base = {"w": torch.zeros(50)}
     updates = [

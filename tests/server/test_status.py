@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.config import write_resolved_config
-from server.checkpoint import latest_round
-from server.coordinator import Coordinator, CoordinatorInterruptedError
-from server.status import STATUS_FILE, STOPPED_FILE, StatusWriter, read_status
-from simulations.cli import app
-from simulations.inprocess import InProcessGrid, tiny_config
+from fedsynth.cli.main import app
+from fedsynth.common.config import write_resolved_config
+from fedsynth.server.coordinator import Coordinator, CoordinatorInterruptedError
+from fedsynth.server.round_store import latest_round
+from fedsynth.server.status import STATUS_FILE, STOPPED_FILE, StatusWriter, read_status
+from fedsynth.simulations.engines.inprocess import InProcessGrid, tiny_config
 
 
 def _grid(sites: list[Path], tmp: Path, faults: dict[str, str] | None = None) -> InProcessGrid:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import FederationConfig
-from server.strategy import (
+from fedsynth.common.config import FederationConfig
+from fedsynth.server.strategy import (
     FedAdam,
     FedMedian,
     FedTrimmedAvg,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from server.validation import check_update
+from fedsynth.server.validation import check_update
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from simulations.cli import app
+from fedsynth.cli.main import app
 from tests.conftest import SiteMaker, shared_site
 
 runner = CliRunner()

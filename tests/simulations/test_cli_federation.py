@@ -9,8 +9,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from client.launch import ClientOptions, supernode_command
-from simulations.cli import app
+from fedsynth.cli.main import app
+from fedsynth.client.daemon import ClientOptions, supernode_command
 from tests.conftest import SiteMaker
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from simulations.cli import app
+from fedsynth.cli.main import app
 
 runner = CliRunner()
 TINY = [

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import DataConfig
-from common.data.site import assign_domains, load_site
-from common.modalities import Direction
-from simulations.partition import (
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.site import assign_domains, load_site
+from fedsynth.common.modalities import Direction
+from fedsynth.simulations.partition import (
     ONLY_A,
     ONLY_B,
     PoolSubject,

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import report
-from simulations.report import (
+from fedsynth.simulations import report
+from fedsynth.simulations.report import (
     MISSING,
     headline_lines,
     write_grid_report,
     write_report,
 )
-from simulations.results import (
+from fedsynth.simulations.results import (
     CONSTANT,
     FEDERATED,
     HISTOGRAM,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from client.federated import SiteSettings
-from common.data.datasets import UnpairedSlices
-from common.data.site import load_site
-from common.metrics import to_unit
-from simulations.inprocess import tiny_config
-from simulations.run import (
+from fedsynth.client.site_round import SiteSettings
+from fedsynth.common.data.datasets import UnpairedSlices
+from fedsynth.common.data.site import load_site
+from fedsynth.common.metrics import to_unit
+from fedsynth.simulations.engines.inprocess import tiny_config
+from fedsynth.simulations.run import (
     ExperimentError,
     Phases,
     _mean,
@@ -105,7 +105,7 @@ def test_mean_over_sites_is_weighted_by_test_slices() -> None:
 
 
 def test_per_site_misalignment_reaches_each_slice(make_site: SiteMaker, tmp_path: Path) -> None:
-    from common.config import DataConfig
+    from fedsynth.common.config import DataConfig
 
     data = DataConfig(spacing_mm=(4.0, 4.0, 4.0), image_size=16, min_foreground=0.05)
     site = load_site(make_site("s", shape=(24, 26, 20)), data, cache_dir=tmp_path / "c")
@@ -171,15 +171,15 @@ def test_naive_baselines_are_summed_from_the_training_sites_and_scored_on_the_te
 ) -> None:
     """Each training site's own statistics, summed; a site without a target domain adds none;
     the baselines are scored on the same test subjects and mask as a model."""
-    from common.baselines import (
+    from fedsynth.common.baselines import (
         BASELINE_NAMES,
         LOOKUP_TABLE,
         IntensityStats,
         LookupTableBaseline,
         site_statistics,
     )
-    from common.data.datasets import PairedSlices
-    from simulations.run import TestSets, naive_baselines
+    from fedsynth.common.data.datasets import PairedSlices
+    from fedsynth.simulations.run import TestSets, naive_baselines
 
     config = tiny_config("data.spacing_mm=[4, 4, 4]", "data.image_size=16")
     shape = (24, 26, 20)
@@ -220,8 +220,8 @@ def test_simulate_end_to_end(tmp_path: Path) -> None:
     """``fedsynth simulate`` on three tiny phantom hospitals: every phase, the report, resume."""
     from typer.testing import CliRunner
 
-    from simulations.cli import app
-    from simulations.results import ExperimentResults
+    from fedsynth.cli.main import app
+    from fedsynth.simulations.results import ExperimentResults
 
     folder = tmp_path / "exp"
     args = [
@@ -292,8 +292,8 @@ def test_a_warm_started_experiment_scores_its_starting_point_as_round_zero(
     received (scored as the model "starting point"), not random weights."""
     from typer.testing import CliRunner
 
-    from simulations.cli import app
-    from simulations.results import STARTING_POINT, ExperimentResults
+    from fedsynth.cli.main import app
+    from fedsynth.simulations.results import STARTING_POINT, ExperimentResults
 
     folder = tmp_path / "exp"
     args = [
@@ -321,7 +321,7 @@ def test_a_warm_started_experiment_scores_its_starting_point_as_round_zero(
 
 
 def test_results_keep_nan_and_inf_through_json(tmp_path: Path) -> None:
-    from simulations.results import ExperimentResults, ModelResult, SplitSummary
+    from fedsynth.simulations.results import ExperimentResults, ModelResult, SplitSummary
 
     results = ExperimentResults(
         name="x",
@@ -337,8 +337,8 @@ def test_results_keep_nan_and_inf_through_json(tmp_path: Path) -> None:
 def test_grid_runs_every_cell_survives_a_failure_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import simulations.run as run_module
-    from simulations.results import ExperimentResults, ModelResult, SplitSummary
+    import fedsynth.simulations.run as run_module
+    from fedsynth.simulations.results import ExperimentResults, ModelResult, SplitSummary
 
     calls: list[tuple[str, str, float | None]] = []
 
@@ -393,8 +393,8 @@ def test_ray_resources_and_cluster_reach_flower(
 ) -> None:
     """cpus/gpus per site go into `flwr run --federation-config`; a Ray address into the
     SuperLink's environment (the simulation's ray.init reads RAY_ADDRESS)."""
-    import common.flower as flower
-    import server.launch as launch
+    import fedsynth.common.flower_processes as flower
+    import fedsynth.server.service as launch
 
     seen: dict[str, object] = {}
 
@@ -430,7 +430,7 @@ def test_ray_resources_and_cluster_reach_flower(
 def test_a_simulated_site_with_unusable_files_is_named_and_left_out_of_local_training(
     make_site: SiteMaker, tmp_path: Path
 ) -> None:
-    from simulations.run import count_slices
+    from fedsynth.simulations.run import count_slices
     from tests.intake import BAD_KINDS
 
     config = tiny_config()

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from benchmarks import study_real
-from common.baselines import CONSTANT, HISTOGRAM, LOOKUP_TABLE, HistogramMatcher
-from common.data.datasets import PairedSlices
-from common.data.site import load_site
-from common.evaluation import site_pairs
-from common.phantom import generate_consortium
-from simulations.inprocess import TINY, tiny_config
-from simulations.results import FEDERATED, POOLED, ExperimentResults
-from simulations.run import ExperimentError, run_experiment
+from fedsynth.common.baselines import CONSTANT, HISTOGRAM, LOOKUP_TABLE, HistogramMatcher
+from fedsynth.common.data.datasets import PairedSlices
+from fedsynth.common.data.site import load_site
+from fedsynth.common.evaluation import site_pairs
+from fedsynth.common.phantom import generate_consortium
+from fedsynth.simulations.engines.inprocess import TINY, tiny_config
+from fedsynth.simulations.results import FEDERATED, POOLED, ExperimentResults
+from fedsynth.simulations.run import ExperimentError, run_experiment
 
 SETTINGS = [
     *TINY,
@@ -246,7 +246,7 @@ def test_study_refuses_missing_data_and_unknown_folds(data: Path, tmp_path: Path
 def test_simulate_refuses_an_eval_site_it_also_trains_on(data: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from fedsynth.cli.main import app
 
     site = data / "brain-mri" / "site-a"
     result = CliRunner().invoke(

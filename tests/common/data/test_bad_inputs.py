@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.config import DataConfig
-from common.data import (
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data import (
     BadScansError,
     EmptySiteError,
     MissingModalityError,

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import DataConfig
-from common.data import ScanError, load_site
-from common.data.preprocess import SliceCache, SliceStack
-from common.io import atomic_path, atomic_write_bytes
-from common.modalities import Modality
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data import ScanError, load_site
+from fedsynth.common.data.preprocess import SliceCache, SliceStack
+from fedsynth.common.io import atomic_path, atomic_write_bytes
+from fedsynth.common.modalities import Modality
 from tests.conftest import SiteMaker, head_volume, save_nifti
 
 SMALL = DataConfig(spacing_mm=(2.0, 2.0, 2.0), image_size=48)
@@ -206,7 +206,7 @@ def test_corrupt_entry_is_rebuilt_with_a_warning(
     (entry,) = folder.iterdir()
     entry.write_bytes(damage(entry.read_bytes()))
 
-    with caplog.at_level(logging.WARNING, logger="common.data.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="fedsynth.common.data.preprocess"):
         rebuilt = cache.load(scan, Modality.T1W, SMALL)
 
     _assert_same_stack(rebuilt, first)
@@ -237,7 +237,7 @@ def test_writes_leave_only_entries_behind(tmp_path: Path) -> None:
 def test_a_failed_write_leaves_nothing(
     tmp_path: Path, scan: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.data.preprocess as preprocess
+    import fedsynth.common.data.preprocess as preprocess
 
     def half_then_crash(target: Path, stack: SliceStack) -> None:
         target.write_bytes(b"PK\x03\x04 half an archive")
@@ -292,7 +292,7 @@ def test_skip_bad_with_a_cache_skips_a_folder_named_like_a_scan(
     assert [v.scan.path for v in site.domain_b] == [good]
 
 
-# --------------------------------------------------------------------------- common.io
+# --------------------------------------------------------------------------- fedsynth.common.io
 
 
 def test_atomic_path_keeps_the_old_file_when_the_writer_raises(tmp_path: Path) -> None:
@@ -328,7 +328,7 @@ def test_atomic_files_are_private_unless_a_mode_is_asked_for(tmp_path: Path) -> 
     import os
     import stat
 
-    from common.io import READABLE
+    from fedsynth.common.io import READABLE
 
     atomic_write_bytes(tmp_path / "state.pt", b"weights")
     assert stat.S_IMODE((tmp_path / "state.pt").stat().st_mode) == 0o600

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import MissingModalityError, discover_site
-from common.data.discovery import SiteInventory
-from common.modalities import Direction, Modality
+from fedsynth.common.data import MissingModalityError, discover_site
+from fedsynth.common.data.discovery import SiteInventory
+from fedsynth.common.modalities import Direction, Modality
 from tests.conftest import save_nifti
 
 
@@ -157,7 +157,7 @@ def test_subject_label_disagreeing_with_folder_is_ignored_with_a_warning(
     stray = "sub-02/anat/sub-03_T2w.nii.gz"
     _touch(tmp_path, "sub-02/anat/sub-02_T1w.nii.gz", stray)
 
-    with caplog.at_level(logging.WARNING, logger="common.data.discovery"):
+    with caplog.at_level(logging.WARNING, logger="fedsynth.common.data.discovery"):
         inventory = discover_site(tmp_path)
 
     assert _found(inventory) == {("sub-02", Modality.T1W, None, "sub-02/anat/sub-02_T1w.nii.gz")}

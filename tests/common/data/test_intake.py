@@ -34,15 +34,15 @@ from hypothesis import strategies as st
 from monai.transforms import Spacingd
 from typer.testing import CliRunner
 
-from common.config import DataConfig
-from common.data import loading, transforms
-from common.data.errors import BadScansError, ScanError
-from common.data.inspect import inspect_site
-from common.data.loading import NIFTI2_HEADER, ScanLimits, read_scan
-from common.data.preprocess import GridReference, SliceCache, SliceStack, preprocess_scan
-from common.data.site import load_site
-from common.modalities import Direction, Modality
-from simulations.cli import app
+from fedsynth.cli.main import app
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data import loading, transforms
+from fedsynth.common.data.errors import BadScansError, ScanError
+from fedsynth.common.data.inspect import inspect_site
+from fedsynth.common.data.loading import NIFTI2_HEADER, ScanLimits, read_scan
+from fedsynth.common.data.preprocess import GridReference, SliceCache, SliceStack, preprocess_scan
+from fedsynth.common.data.site import load_site
+from fedsynth.common.modalities import Direction, Modality
 from tests.conftest import head_volume, save_nifti
 from tests.intake import BAD_KINDS, GOOD_SUBJECT, write_bad_site, write_bomb
 
@@ -438,8 +438,7 @@ def restore_logging() -> Iterator[None]:
     """Undo what the CLI's callback does to logging (root handlers, fedsynth's levels)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    packages = ("common", "client", "server", "simulations")
-    levels = {name: logging.getLogger(name).level for name in packages}
+    levels = {name: logging.getLogger(name).level for name in ("fedsynth",)}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)

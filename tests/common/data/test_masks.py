@@ -1,4 +1,4 @@
-"""Brain and head masks, intensity standardisation and anti-aliasing (common.data.masks).
+"""Brain and head masks, intensity standardisation and anti-aliasing (fedsynth.common.data.masks).
 
 Phantoms are built here: a skull-stripped T2w-like brain (bright CSF rim and ventricles, darker
 tissue, exact-zero background) and T1w- and FLAIR-like heads with scalp, dark skull and Rician
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from common.data.masks import (
+from fedsynth.common.data.masks import (
     TISSUE_PERCENTILE,
     TISSUE_SCALE,
     antialias,
@@ -26,7 +26,7 @@ from common.data.masks import (
     standardisation_range,
     subject_mask,
 )
-from common.modalities import Modality
+from fedsynth.common.modalities import Modality
 from tests.conftest import shared_site
 
 PERCENTILES = (0.5, 99.5)

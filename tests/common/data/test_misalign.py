@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from common.data.misalign import SEVERITIES, AffineDraw, apply_affine, draw_affine
+from fedsynth.common.data.misalign import SEVERITIES, AffineDraw, apply_affine, draw_affine
 
-# The table in common.data.misalign's docstring, written out again: (degrees, fraction, fraction).
+# The table in fedsynth.common.data.misalign's docstring, written out again: (degrees, fraction,
+# fraction).
 DOCUMENTED = {
     "none": (0.0, 0.0, 0.0),
     "slight": (2.0, 0.02, 0.02),

@@ -16,12 +16,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from common.config import DataConfig
-from common.data import training_set
-from common.data.discovery import Scan
-from common.data.pairing import match_sessions
-from common.data.site import load_site
-from common.modalities import Modality
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data import training_set
+from fedsynth.common.data.discovery import Scan
+from fedsynth.common.data.pairing import match_sessions
+from fedsynth.common.data.site import load_site
+from fedsynth.common.modalities import Modality
 from tests.conftest import save_nifti
 
 CONFIG = DataConfig(spacing_mm=(3.0, 3.0, 3.0), image_size=48, min_foreground=0.05)

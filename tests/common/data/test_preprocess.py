@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import DataConfig
-from common.data.masks import TISSUE_PERCENTILE, TISSUE_SCALE, otsu_threshold, subject_mask
-from common.data.preprocess import IntensityMapping, preprocess_scan
-from common.modalities import Modality
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data.masks import TISSUE_PERCENTILE, TISSUE_SCALE, otsu_threshold, subject_mask
+from fedsynth.common.data.preprocess import IntensityMapping, preprocess_scan
+from fedsynth.common.modalities import Modality
 from tests.conftest import CONTRASTS, head_volume, save_nifti
 
 SMALL = DataConfig(spacing_mm=(2.0, 2.0, 2.0), image_size=48)

@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import DataConfig
-from common.data import PairedSlices, UnpairedSlices, Volume, assign_domains, load_site
-from common.data.discovery import Scan
-from common.data.preprocess import IntensityMapping, SliceStack
-from common.modalities import Modality
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data import PairedSlices, UnpairedSlices, Volume, assign_domains, load_site
+from fedsynth.common.data.discovery import Scan
+from fedsynth.common.data.preprocess import IntensityMapping, SliceStack
+from fedsynth.common.modalities import Modality
 from tests.conftest import CONTRASTS, SiteMaker, head_volume, save_nifti
 
 SMALL = DataConfig(spacing_mm=(2.0, 2.0, 2.0), image_size=48)

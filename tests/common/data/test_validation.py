@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.datasets import training_set
-from common.data.discovery import Scan
-from common.data.preprocess import IntensityMapping, SliceStack
-from common.data.site import SiteData, Volume
-from common.data.validation import (
+from fedsynth.common.data.datasets import training_set
+from fedsynth.common.data.discovery import Scan
+from fedsynth.common.data.preprocess import IntensityMapping, SliceStack
+from fedsynth.common.data.site import SiteData, Volume
+from fedsynth.common.data.validation import (
     BLOCK_SLICES,
     MIN_SUBJECTS,
     hold_out,
@@ -20,7 +20,7 @@ from common.data.validation import (
     validation_pairs,
     validation_slices,
 )
-from common.modalities import Direction, Modality
+from fedsynth.common.modalities import Direction, Modality
 
 SIZE = 8
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ModelConfig
-from common.models import define_generator
-from common.models.intensity import IntensityMap, PriorGenerator, intensity_map_grad_sample
+from fedsynth.common.config import ModelConfig
+from fedsynth.common.models import define_generator
+from fedsynth.common.models.intensity import IntensityMap, PriorGenerator, intensity_map_grad_sample
 
 
 def test_the_map_starts_at_the_identity_and_clamps_outside_the_range() -> None:

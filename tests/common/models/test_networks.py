@@ -13,9 +13,9 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy import install_grad_samplers
-from common.config import ModelConfig
-from common.losses import (
+from fedsynth.client.privacy import install_grad_samplers
+from fedsynth.common.config import ModelConfig
+from fedsynth.common.losses import (
     cycle_loss,
     discriminator_loss,
     generator_adversarial_loss,
@@ -23,7 +23,7 @@ from common.losses import (
     registration_correction_loss,
     smoothness_loss,
 )
-from common.models import (
+from fedsynth.common.models import (
     PatchDiscriminator,
     RegistrationNet,
     count_parameters,

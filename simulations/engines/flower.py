@@ -1,5 +1,5 @@
 """A whole federation on one machine with Flower's simulation engine (``fedsynth simulate``'s
-federated phase, see :mod:`simulations.run`).
+federated phase, see :mod:`fedsynth.simulations.run`).
 
 The same ServerApp and ClientApp as a deployment run, on a loopback SuperLink in simulation mode
 (Ray underneath); simulated site ``i`` reads ``--site`` number ``i``. The number of simulated
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from common.config import RunConfig
-from common.flower import free_port
-from server.launch import RunOutcome, ServeOptions, run_federation
+from fedsynth.common.config import RunConfig
+from fedsynth.common.flower_processes import free_port
+from fedsynth.server.service import RunOutcome, ServeOptions, run_federation
 
 
 def simulate(

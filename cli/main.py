@@ -1,8 +1,4 @@
-"""The ``fedsynth`` command: gathers every role's sub-commands in one place.
-
-Lives in ``simulations`` because it is the one package allowed to import ``common``, ``client``
-and ``server`` alike (the others never import each other).
-"""
+"""The ``fedsynth`` command: every role's sub-commands, the version and the log level."""
 
 from __future__ import annotations
 
@@ -12,17 +8,17 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from client.cli import client_command, train_local_command
-from common import __version__
-from common.cli import (
+from fedsynth.client.cli import client_command, train_local_command
+from fedsynth.common import __version__
+from fedsynth.common.cli import (
     config_command,
     evaluate_command,
     inspect_command,
     phantom_command,
     synthesize_command,
 )
-from server.cli import certs_command, keygen_command, server_command, status_command
-from simulations.run import simulate_command
+from fedsynth.server.cli import certs_command, keygen_command, server_command, status_command
+from fedsynth.simulations.run import simulate_command
 
 app = typer.Typer(
     name="fedsynth",
@@ -77,8 +73,7 @@ def _main(
         force=True,
     )
     if verbose == 1 and not quiet:
-        for package in ("fedsynth", "common", "client", "server", "simulations"):
-            logging.getLogger(package).setLevel(logging.DEBUG)
+        logging.getLogger("fedsynth").setLevel(logging.DEBUG)
 
 
 def main() -> None:

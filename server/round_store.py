@@ -1,23 +1,23 @@
 """The coordinator's per-round checkpoints, the best round, and where to resume after a crash.
 
 Each completed round writes ``<run>/rounds/round-NNNN/`` (generators in safetensors plus
-``checkpoint.json``, see :mod:`common.checkpoint`) and ``round.json`` beside them: the round's
-aggregated and per-site metrics (training and validation), bytes moved per site, privacy spent
-per site and the sites left out with their reasons. With ``federation.ema_decay`` the round
+``checkpoint.json``, see :mod:`fedsynth.common.checkpoint`) and ``round.json`` beside them: the
+round's aggregated and per-site metrics (training and validation), bytes moved per site, privacy
+spent per site and the sites left out with their reasons. With ``federation.ema_decay`` the round
 folder also holds ``ema/``, a checkpoint of the same format with the moving average of the
 aggregated generators. ``<run>/latest`` (a small text file, replaced atomically) names the last
-complete round; a round folder without it finished is never picked for resuming. No round
-folder is ever deleted, so the best round's checkpoint stays wherever the run goes on.
+complete round; a round folder without it finished is never picked for resuming. No round folder is
+ever deleted, so the best round's checkpoint stays wherever the run goes on.
 
-**The best round** is the one with the highest example-weighted masked PSNR of the global model
-on the sites' own validation data (``eval/psnr_masked``, :mod:`common.data.validation`). Only
+**The best round** is the one with the highest example-weighted masked PSNR of the global model on
+the sites' own validation data (``eval/psnr_masked``, :mod:`fedsynth.common.data.validation`). Only
 when no site reported a validation score in a round does the central validation site
-(``federation.validation_site``, ``central/psnr_masked``) score it, and a round scored on the
-sites' data always outranks one scored centrally. No test site is ever used. Ties keep the
-earlier round. ``<run>/best.json`` (rewritten atomically after each round) records the round,
-its score, the metric and the per-site validation scores; :func:`best_round` reads it, and
-recomputes the choice from the rounds' records when it is missing or older than the latest
-round (a crash between the two writes, or a run from before best.json).
+(``federation.validation_site``, ``central/psnr_masked``) score it, and a round scored on the sites'
+data always outranks one scored centrally. No test site is ever used. Ties keep the earlier round.
+``<run>/best.json`` (rewritten atomically after each round) records the round, its score, the metric
+and the per-site validation scores; :func:`best_round` reads it, and recomputes the choice from the
+rounds' records when it is missing or older than the latest round (a crash between the two writes,
+or a run from before best.json).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
-from common.io import atomic_write_text
+from fedsynth.common.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
+from fedsynth.common.io import atomic_write_text
 
 ROUNDS_DIR = "rounds"
 LATEST_NAME = "latest"

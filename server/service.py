@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import __version__
-from common.config import RESOLVED_CONFIG_NAME, RunConfig, write_resolved_config
-from common.flower import (
+from fedsynth.common import __version__
+from fedsynth.common.config import RESOLVED_CONFIG_NAME, RunConfig, write_resolved_config
+from fedsynth.common.flower_processes import (
     FlowerError,
     Process,
     RunStatusReader,
@@ -34,9 +34,9 @@ from common.flower import (
     write_app_dir,
     write_connection,
 )
-from common.io import READABLE, atomic_write_text
-from server.checkpoint import latest_round
-from server.status import STATUS_FILE, STOPPED_FILE, StatusWriter, process_alive
+from fedsynth.common.io import READABLE, atomic_write_text
+from fedsynth.server.round_store import latest_round
+from fedsynth.server.status import STATUS_FILE, STOPPED_FILE, StatusWriter, process_alive
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -100,10 +100,10 @@ class RunOutcome:
 def write_admitted(run_dir: Path, sites: Mapping[str, Path]) -> Path:
     """``<run>/admitted.json``: the public key of every hospital this coordinator admitted.
 
-    Flower's SuperLink serves its Control API on the hospitals' port, so anyone who can reach
-    that port with the CA certificate can register a node key of their own (tested). The
-    coordinator therefore trusts only nodes whose key is listed here, under the name given here
-    (see :meth:`server.coordinator.Coordinator.screen_nodes`). On ``--resume`` without sites the
+    Flower's SuperLink serves its Control API on the hospitals' port, so anyone who can reach that
+    port with the CA certificate can register a node key of their own (tested). The coordinator
+    therefore trusts only nodes whose key is listed here, under the name given here (see
+    :meth:`fedsynth.server.coordinator.Coordinator.screen_nodes`). On ``--resume`` without sites the
     file from the first start is kept. Public keys only: the file is not secret.
     """
     path = Path(run_dir) / ADMITTED_FILE

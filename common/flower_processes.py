@@ -7,9 +7,9 @@ a several-GB CUDA torch). Processes are started in their own process group so th
 also stops the app processes it spawned.
 
 The Flower app submitted to the SuperLink is a small folder written by :func:`write_app_dir`: its
-``pyproject.toml`` points Flower at ``server.app:app`` and ``client.app:app`` of the installed
-fedsynth, so a coordinator and the hospitals need the same fedsynth version installed, and no
-source tree.
+``pyproject.toml`` points Flower at ``fedsynth.server.app:app`` and ``fedsynth.client.app:app`` of
+the installed fedsynth, so a coordinator and the hospitals need the same fedsynth version installed,
+and no source tree.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import tomli_w
 
-from common import PRIVATE_ENV
+from fedsynth.common import PRIVATE_ENV
 
 BIN = Path(sys.executable).parent
 APP_NAME = "fedsynth"
@@ -104,8 +104,8 @@ def write_app_dir(folder: Path, version: str = "0.1.0") -> Path:
                 "app": {
                     "publisher": APP_NAME,
                     "components": {
-                        "serverapp": "server.app:app",
-                        "clientapp": "client.app:app",
+                        "serverapp": "fedsynth.server.app:app",
+                        "clientapp": "fedsynth.client.app:app",
                     },
                     "config": dict(RUN_CONFIG),
                 }

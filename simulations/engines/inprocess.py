@@ -1,11 +1,11 @@
 """A federation in one Python process, without Flower's processes: for benchmarks and tests.
 
 :class:`InProcessGrid` replaces only the transport: it hands each message to the real ClientApp
-functions (``client.app.train`` / ``evaluate``) with a per-node Flower ``Context``, the way a
-SuperNode would, and keeps the replies until pulled. Sites train one after another, so a round
-costs the sum of the sites' training instead of the slowest one's, but the arithmetic is the
-same as a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). Nodes can be silent
-(never reply); ``crash_on`` kills the "coordinator" when it collects a message group's replies.
+functions (``fedsynth.client.app.train`` / ``evaluate``) with a per-node Flower ``Context``, the way
+a SuperNode would, and keeps the replies until pulled. Sites train one after another, so a round
+costs the sum of the sites' training instead of the slowest one's, but the arithmetic is the same as
+a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). Nodes can be silent (never
+reply); ``crash_on`` kills the "coordinator" when it collects a message group's replies.
 :func:`simulate_in_process` runs a simulated experiment's federation this way
 (``simulation.engine = "inprocess"``).
 
@@ -23,13 +23,18 @@ from typing import Any
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app as client_app
-from common.config import RESOLVED_CONFIG_NAME, RunConfig, load_config, write_resolved_config
-from common.io import READABLE, atomic_write_text
-from common.phantom import generate_consortium
-from server.coordinator import Coordinator, CoordinatorStoppedError
-from server.launch import RunOutcome
-from server.status import STOPPED_FILE
+import fedsynth.client.app as client_app
+from fedsynth.common.config import (
+    RESOLVED_CONFIG_NAME,
+    RunConfig,
+    load_config,
+    write_resolved_config,
+)
+from fedsynth.common.io import READABLE, atomic_write_text
+from fedsynth.common.phantom import generate_consortium
+from fedsynth.server.coordinator import Coordinator, CoordinatorStoppedError
+from fedsynth.server.service import RunOutcome
+from fedsynth.server.status import STOPPED_FILE
 
 TINY = [
     "data.spacing_mm=[6, 6, 6]",
@@ -143,7 +148,8 @@ def simulate_in_process(
     site_misalignment: Sequence[str] = (),
 ) -> RunOutcome:
     """The federated phase of ``simulation.engine = "inprocess"``: what
-    :func:`simulations.federated.simulate` runs on Flower, here on an :class:`InProcessGrid`.
+    :func:`fedsynth.simulations.engines.flower.simulate` runs on Flower, here on an
+    :class:`InProcessGrid`.
 
     Simulated site ``i`` reads ``sites[i]`` exactly as a simulated SuperNode would (the same
     run-config keys), the coordinator writes the same run folder, and a coordinator that stops

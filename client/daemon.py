@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.worker import WORKER_ENV
-from common.data.discovery import discover_site
-from common.flower import flower_env, node_config_text
+from fedsynth.client.worker import WORKER_ENV
+from fedsynth.common.data.discovery import discover_site
+from fedsynth.common.flower_processes import flower_env, node_config_text
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
@@ -90,15 +90,16 @@ def supernode_command(options: ClientOptions) -> tuple[list[str], dict[str, str]
         if not options.max_epsilon > 0:
             raise ValueError(f"--max-epsilon {options.max_epsilon}: must be positive")
         node_config["max-epsilon"] = float(options.max_epsilon)
-    # Flower's flower-supernode with shorter waits (client.supernode, common.flower_waits)
-    command = [sys.executable, "-m", "client.supernode", "--superlink", options.superlink]
+    # Flower's flower-supernode with shorter waits (fedsynth.client.supernode,
+    # fedsynth.common.flower_waits)
+    command = [sys.executable, "-m", "fedsynth.client.supernode", "--superlink", options.superlink]
     if options.insecure:
         command.append("--insecure")
     else:
         command += ["--root-certificates", str(Path(str(options.root_certificates)).resolve())]
         command += ["--auth-supernode-private-key", str(Path(str(options.private_key)).resolve())]
     command += ["--host", "127.0.0.1", "--port", str(options.runtime_port)]
-    if options.warm_worker:  # fedsynth's worker is the SuperExec (client.worker)
+    if options.warm_worker:  # fedsynth's worker is the SuperExec (fedsynth.client.worker)
         command += ["--isolation", "process"]
     command += ["--node-config", node_config_text(node_config)]
     return command, flower_env(state_dir / "flwr")
@@ -170,8 +171,8 @@ def run_supernode(options: ClientOptions, echo: Callable[[str], None] = print) -
     worker: subprocess.Popen[bytes] | None = None
 
     def start_worker() -> subprocess.Popen[bytes]:
-        """The warm ClientApp worker (client.worker), the SuperNode's SuperExec."""
-        argv = [sys.executable, "-m", "client.worker",
+        """The warm ClientApp worker (fedsynth.client.worker), the SuperNode's SuperExec."""
+        argv = [sys.executable, "-m", "fedsynth.client.worker",
                 "--runtime-api-address", f"127.0.0.1:{options.runtime_port}",
                 "--parent-pid", str(process.pid)]  # fmt: skip
         return subprocess.Popen(argv, env={**env, **WORKER_ENV}, preexec_fn=_die_with_parent)

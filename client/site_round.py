@@ -2,14 +2,14 @@
 
 :class:`RoundInstruction` is what the coordinator asks for (round number, learning rate, local
 epochs or steps, the FedProx weight, what to share, the wire precision, and the coordinator's
-resolved configuration). :class:`SiteSettings` is what only the hospital decides: where its data
-is, which device to use, where to keep its state. :func:`train_round` restores the site's own
-networks and optimisers (never sent anywhere), loads the global generators, trains and returns the
-update of the shared networks (trained minus received) and scalar metrics. Both hold out the
-same validation part of the site's weakly paired data (:func:`common.data.validation.hold_out`,
-``data.validation_fraction``, seeded by ``training.seed``): :func:`train_round` trains on the
-rest, and :func:`evaluate_round` scores the global generators on that part only, so the
-coordinator can choose a round without looking at any test site.
+resolved configuration). :class:`SiteSettings` is what only the hospital decides: where its data is,
+which device to use, where to keep its state. :func:`train_round` restores the site's own networks
+and optimisers (never sent anywhere), loads the global generators, trains and returns the update of
+the shared networks (trained minus received) and scalar metrics. Both hold out the same validation
+part of the site's weakly paired data (:func:`fedsynth.common.data.validation.hold_out`,
+``data.validation_fraction``, seeded by ``training.seed``): :func:`train_round` trains on the rest,
+and :func:`evaluate_round` scores the global generators on that part only, so the coordinator can
+choose a round without looking at any test site.
 
 A site keeps one state file per round it trained (the last three), so that a coordinator that
 crashed mid-round and resumed from the previous round finds the state that round started from: a
@@ -31,8 +31,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from client.local import slices_translator
-from client.privacy import (
+from fedsynth.client.local import slices_translator
+from fedsynth.client.privacy import (
     BudgetSpentError,
     check_budget,
     clip_update,
@@ -42,15 +42,16 @@ from client.privacy import (
     private_loader,
     private_population,
 )
-from client.trainer import CycleGANTrainer
-from common.config import RunConfig
-from common.data.datasets import TrainingSlices, training_set
-from common.data.errors import BadScansError, EmptySiteError, MissingModalityError
-from common.data.misalign import SEVERITIES as MISALIGNMENT_LEVELS
-from common.data.site import SiteData, load_site
-from common.data.validation import hold_out, validation_pairs
-from common.evaluation import evaluate_pairs
-from common.federation import (
+from fedsynth.client.trainer import CycleGANTrainer
+from fedsynth.common.config import RunConfig
+from fedsynth.common.data.datasets import TrainingSlices, training_set
+from fedsynth.common.data.errors import BadScansError, EmptySiteError, MissingModalityError
+from fedsynth.common.data.misalign import SEVERITIES as MISALIGNMENT_LEVELS
+from fedsynth.common.data.site import SiteData, load_site
+from fedsynth.common.data.validation import hold_out, validation_pairs
+from fedsynth.common.evaluation import evaluate_pairs
+from fedsynth.common.io import atomic_path
+from fedsynth.common.messages import (
     EVALUATE_METRICS,
     SHARED_NETS,
     RoundInstruction,
@@ -58,7 +59,6 @@ from common.federation import (
     unflatten,
     update_from,
 )
-from common.io import atomic_path
 
 logger = logging.getLogger(__name__)
 

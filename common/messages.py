@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from common.config import RunConfig, loads_config
-from common.wire import LAYOUT, layout_of, pack, packed_problems, read_layout, unpack
+from fedsynth.common.config import RunConfig, loads_config
+from fedsynth.common.wire import LAYOUT, layout_of, pack, packed_problems, read_layout, unpack
 
 SITE_ERROR = 100  # a site declined the round for a reason it states (no path, no subject)
 SITE_CRASH = 101  # an unexpected exception at a site (details in the site's own log)
@@ -184,7 +184,7 @@ def apply_update(
 def to_record(
     state: Mapping[str, torch.Tensor], wire_dtype: str, *, layout: bool = False
 ) -> ArrayRecord:
-    """Pack a flat state for the wire (:func:`common.wire.pack`: float16/bfloat16 if asked,
+    """Pack a flat state for the wire (:func:`fedsynth.common.wire.pack`: float16/bfloat16 if asked,
     integers unchanged); ``layout=True`` adds the names and shapes (the coordinator's message)."""
     return ArrayRecord(
         {k: Array(v) for k, v in pack(state, wire_dtype, with_layout=layout).items()}

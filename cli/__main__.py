@@ -1,0 +1,5 @@
+"""``python -m fedsynth.cli``: the ``fedsynth`` command."""
+
+from fedsynth.cli.main import main
+
+main()
