@@ -26,7 +26,6 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from fedsynth.client.trainer import CycleGANTrainer
 from fedsynth.common.checkpoint import CheckpointMetadata, save_checkpoint
 from fedsynth.common.config import RunConfig, load_config
 from fedsynth.common.losses import (
@@ -37,6 +36,7 @@ from fedsynth.common.losses import (
 )
 from fedsynth.common.models import define_discriminator, define_generator, init_weights
 from fedsynth.common.synthesis import Synthesizer
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri"
 

@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsynth.client.local import load_sites, train_local, training_sites
+from fedsynth.client.local import train_local, training_sites
 from fedsynth.common.baselines import IntensityStats, fit_baselines, site_statistics
 from fedsynth.common.config import RunConfig, load_config
 from fedsynth.common.data.validation import validation_pairs
 from fedsynth.common.evaluation import evaluate_pairs, evaluate_predictor
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.synthesis import Synthesizer
+from fedsynth.common.training.data import load_sites
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SITES = (

@@ -52,9 +52,9 @@ def _rss_mb() -> float:
 
 def one_variant(overrides: list[str], steps: int) -> dict[str, float]:
     """Time ``steps`` training steps of one variant in this process; measure its memory."""
-    from fedsynth.client.privacy import plan_noise
-    from fedsynth.client.trainer import CycleGANTrainer
     from fedsynth.common.config import load_config
+    from fedsynth.common.privacy.plan import plan_noise
+    from fedsynth.common.training.trainer import CycleGANTrainer
 
     opacus_samplers = "+opacus-samplers" in overrides
     overrides = [o for o in overrides if not o.startswith("+")]
@@ -71,9 +71,9 @@ def one_variant(overrides: list[str], steps: int) -> dict[str, float]:
     )
     if config.privacy.enabled:
         if opacus_samplers:  # keep Opacus' own registry (unfold for Conv2d, functorch otherwise)
-            import fedsynth.client.privacy
+            import fedsynth.common.privacy.dp_sgd
 
-            fedsynth.client.privacy.install_grad_samplers = lambda: None  # type: ignore[assignment]
+            fedsynth.common.privacy.dp_sgd.install_grad_samplers = lambda: None  # type: ignore[assignment]
         trainer.make_private(
             plan_noise(
                 config.privacy,

@@ -20,7 +20,6 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.audit import record_outgoing
-from fedsynth.client.privacy import BudgetSpentError
 from fedsynth.client.site_round import (
     DiskStore,
     MemoryStore,
@@ -43,6 +42,7 @@ from fedsynth.common.messages import (
     metrics_record,
     to_record,
 )
+from fedsynth.common.privacy.plan import BudgetSpentError
 
 logger = logging.getLogger("fedsynth.client")
 

@@ -14,7 +14,7 @@ kept in ``checkpoint-best/`` (same format as ``checkpoint/``, its metadata carry
 and described in ``best.json``. A resumed run keeps the best so far. Ties keep the earlier epoch.
 
 With ``privacy.level = "patient"`` (or ``"example"``) the run is DP-SGD
-(:mod:`fedsynth.client.privacy`) with the noise planned for ``training.epochs`` epochs of ``1 / q``
+(:mod:`fedsynth.common.privacy`) with the noise planned for ``training.epochs`` epochs of ``1 / q``
 Poisson batches; each epoch's line and the checkpoint carry the cumulative epsilon, and training
 stops early, with a warning, at the epoch that would pass ``privacy.budget_epsilon``.
 """
@@ -30,33 +30,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from fedsynth.client.privacy import (
-    BudgetSpentError,
-    NoisePlan,
-    check_budget,
-    patient_epsilon,
-    plan_noise,
-    population_unit,
-    private_loader,
-    private_population,
-)
-from fedsynth.client.trainer import CycleGANTrainer
 from fedsynth.common.baselines import baseline_statistics
 from fedsynth.common.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
-    OutputScale,
     read_metadata,
     save_checkpoint,
 )
 from fedsynth.common.config import RunConfig, write_resolved_config
 from fedsynth.common.data.datasets import PairedSlices, TrainingSlices, training_set
-from fedsynth.common.data.site import SiteData, Volume, load_site
+from fedsynth.common.data.site import SiteData
 from fedsynth.common.data.validation import hold_out, validation_pairs
 from fedsynth.common.evaluation import EvaluationReport, evaluate_pairs, pairs_by_subject
 from fedsynth.common.io import atomic_write_text
+from fedsynth.common.privacy.accounting import patient_epsilon
+from fedsynth.common.privacy.plan import BudgetSpentError, NoisePlan, check_budget, plan_noise
+from fedsynth.common.privacy.sampling import population_unit, private_loader, private_population
+from fedsynth.common.training.data import load_sites, make_loader, output_scale
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -97,37 +89,6 @@ class BestEpoch:
     last_epoch: int = 0
     metric: str = VALIDATION_METRIC
     source: str = VALIDATION_SOURCE
-
-
-def output_scale(volumes: Sequence[Volume]) -> OutputScale:
-    """Typical target-domain intensity range: the mean of the volumes' mappings."""
-    kinds = {v.stack.mapping.kind for v in volumes}
-    kind = "window" if kinds == {"window"} else "percentile"
-    low = float(np.mean([v.stack.mapping.low for v in volumes]))
-    high = float(np.mean([v.stack.mapping.high for v in volumes]))
-    return OutputScale(low=low, high=high, kind=kind)
-
-
-def make_loader(dataset: TrainingSlices, config: RunConfig, epoch: int) -> DataLoader:
-    """A loader whose shuffle depends only on (seed, epoch): resumed runs see the same order."""
-    generator = torch.Generator().manual_seed(config.training.seed * 100_003 + epoch)
-    batch = config.training.batch_size
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=True,
-        generator=generator,
-        num_workers=config.training.num_workers,
-        drop_last=len(dataset) > batch,
-    )
-
-
-def load_sites(site_dirs: Sequence[Path], config: RunConfig, cache_dir: Path) -> list[SiteData]:
-    """The sites as loaded, nothing held out (see :func:`training_sites`)."""
-    return [
-        load_site(Path(d), config.data, cache_dir=cache_dir, seed=config.training.seed)
-        for d in site_dirs
-    ]
 
 
 def training_sites(sites: Sequence[SiteData], config: RunConfig) -> list[SiteData]:

@@ -32,17 +32,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedsynth.client.local import slices_translator
-from fedsynth.client.privacy import (
-    BudgetSpentError,
-    check_budget,
-    clip_update,
-    patient_epsilon,
-    plan_noise,
-    population_unit,
-    private_loader,
-    private_population,
-)
-from fedsynth.client.trainer import CycleGANTrainer
 from fedsynth.common.config import RunConfig
 from fedsynth.common.data.datasets import TrainingSlices, training_set
 from fedsynth.common.data.errors import BadScansError, EmptySiteError, MissingModalityError
@@ -59,6 +48,11 @@ from fedsynth.common.messages import (
     unflatten,
     update_from,
 )
+from fedsynth.common.privacy.accounting import patient_epsilon
+from fedsynth.common.privacy.plan import BudgetSpentError, check_budget, plan_noise
+from fedsynth.common.privacy.sampling import population_unit, private_loader, private_population
+from fedsynth.common.privacy.site_level import clip_update
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 logger = logging.getLogger(__name__)
 

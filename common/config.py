@@ -229,7 +229,7 @@ class TrainingConfig(_Section):
         ge=0.0,
         description="pix2pix L1 between G(x) and its weakly paired target, both directions "
         "(Isola et al. 2017: 100), with registration off; with it on, both directions use "
-        "lambda_registration after R's alignment instead (fedsynth.client.objectives).",
+        "lambda_registration after R's alignment instead (fedsynth.common.training.objectives).",
     )
     background_weight: float = Field(
         0.1,
@@ -260,7 +260,7 @@ class PrivacyConfig(_Section):
     ``level = "patient"`` (the default): DP-SGD at each site where a Poisson batch draws
     *patients* (every session of one subject is one patient) and each drawn patient gives one
     weakly paired slice, so per-sample clipping (``max_grad_norm``) bounds every patient's part
-    of a step and the site's accountant composes at patient level (:mod:`fedsynth.client.privacy`).
+    of a step and the site's accountant composes at patient level (:mod:`fedsynth.common.privacy`).
     Patients with one modality only are left out: an unpaired example mixes two patients.
     ``level = "example"``: the same DP-SGD over slices (one A slice and its B partner), kept for
     comparison; it protects single slices, not people. ``level = "site"``: each site clips its
@@ -454,10 +454,9 @@ class FederationConfig(_Section):
         decay = self.decay_rounds
         if decay is None:
             decay = round(self.rounds * training.decay_epochs / max(training.epochs, 1))
-        start = self.rounds - decay
-        if decay == 0 or round_number - 1 < start:
-            return 1.0
-        return max(0.0, 1.0 - (round_number - start) / (decay + 1))
+        from fedsynth.common.training.schedule import linear_decay
+
+        return linear_decay(self.rounds, decay)(round_number - 1)
 
 
 SplitScheme = Literal["auto", "counts", "ratios", "dirichlet", "power", "natural"]

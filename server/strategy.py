@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from fedsynth.common.accounting import epsilon_of
 from fedsynth.common.config import FederationConfig, PrivacyConfig
+from fedsynth.common.privacy.accounting import calibrate_noise, epsilon_of
 
 logger = logging.getLogger("fedsynth.server")
 
@@ -310,27 +310,16 @@ class SiteLevelDP(Aggregator):
 
 def site_level_noise(privacy: PrivacyConfig, *, sample_rate: float, rounds: int) -> float:
     """``privacy.noise_multiplier``, or the one that reaches ``target_epsilon`` after ``rounds``."""
-    if privacy.noise_multiplier is not None:
-        return float(privacy.noise_multiplier)
-    assert privacy.target_epsilon is not None
-    from opacus.accountants.utils import get_noise_multiplier
-
-    sigma = get_noise_multiplier(
-        target_epsilon=privacy.target_epsilon,
-        target_delta=privacy.delta,
-        sample_rate=sample_rate,
-        steps=rounds,
-        accountant=privacy.accountant,
-        epsilon_tolerance=0.005,
-    )
-    logger.info(
-        "site-level DP: noise multiplier %.4f for epsilon %g at delta %g over %d rounds",
-        sigma,
-        privacy.target_epsilon,
-        privacy.delta,
-        rounds,
-    )
-    return float(sigma)
+    sigma = calibrate_noise(privacy, sample_rate=sample_rate, steps=rounds)
+    if privacy.noise_multiplier is None:
+        logger.info(
+            "site-level DP: noise multiplier %.4f for epsilon %g at delta %g over %d rounds",
+            sigma,
+            privacy.target_epsilon,
+            privacy.delta,
+            rounds,
+        )
+    return sigma
 
 
 def make_aggregator(config: FederationConfig, privacy: PrivacyConfig | None = None) -> Aggregator:

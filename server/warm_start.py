@@ -87,10 +87,10 @@ def describe(checkpoint: Path) -> dict[str, Any]:
 
 
 def _train(config: RunConfig, out: Path) -> dict[str, Any]:
-    from fedsynth.client.local import load_sites, make_loader, output_scale
-    from fedsynth.client.trainer import CycleGANTrainer
     from fedsynth.common.data.datasets import training_set
     from fedsynth.common.phantom import generate_consortium
+    from fedsynth.common.training.data import load_sites, make_loader, output_scale
+    from fedsynth.common.training.trainer import CycleGANTrainer
 
     direction = Direction.parse(config.data.direction)  # the phantom makes every contrast
     fed = config.federation

@@ -31,8 +31,8 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
 from fedsynth.common import PRIVATE_ENV
-from fedsynth.common.accounting import RDP_ORDERS
 from fedsynth.common.flower_processes import flwr, free_port, register_node, write_connection
+from fedsynth.common.privacy.accounting import RDP_ORDERS
 from fedsynth.server.certs import CertificateSet, make_certificates, make_node_key
 from fedsynth.server.round_store import latest_round, round_dir
 from fedsynth.server.status import read_status

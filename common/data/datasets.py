@@ -331,7 +331,7 @@ class TrainingSlices(Dataset[dict[str, torch.Tensor]]):
 class PatientSlices:
     """A site's patients, each with the weakly paired examples only that patient's data makes.
 
-    The unit of patient-level DP-SGD (:mod:`fedsynth.client.privacy`): a Poisson batch draws
+    The unit of patient-level DP-SGD (:mod:`fedsynth.common.privacy`): a Poisson batch draws
     patients, and each drawn patient gives one of its own examples, chosen by :meth:`example`. Every
     session of a subject is the same patient (sessions share ``scan.subject``). Subjects with one
     modality only are left out: their examples pair one patient's slice with another's, so a row

@@ -18,7 +18,6 @@ from fedsynth.client.site_round import (
     evaluate_round,
     train_round,
 )
-from fedsynth.client.trainer import CycleGANTrainer
 from fedsynth.common.config import RunConfig, dumps_config
 from fedsynth.common.data.datasets import PairedSlices, training_set
 from fedsynth.common.data.site import load_site
@@ -26,6 +25,7 @@ from fedsynth.common.data.validation import hold_out, validation_pairs, validati
 from fedsynth.common.evaluation import evaluate_pairs
 from fedsynth.common.messages import SHARED_NETS, RoundInstruction, flatten
 from fedsynth.common.models import define_cyclegan
+from fedsynth.common.training.trainer import CycleGANTrainer
 from fedsynth.simulations.engines.inprocess import phantom_sites, tiny_config
 from tests.client.test_trainer import SIZE, TINY, _batches, _training
 

@@ -189,8 +189,8 @@ BF16_P99_TOLERANCE = 0.02
 
 
 def test_bf16_synthesis_stays_close_to_fp32_on_trained_weights(tmp_path: Path) -> None:
-    from fedsynth.client.trainer import CycleGANTrainer
     from fedsynth.common.config import TrainingConfig
+    from fedsynth.common.training.trainer import CycleGANTrainer
 
     trainer = CycleGANTrainer(TINY, TrainingConfig(device="cpu", batch_size=2), 64)
     source = head_volume("T1w", (64, 64, 20))

@@ -18,10 +18,10 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from safetensors.numpy import load_file
 
 from fedsynth.client.local import train_local
-from fedsynth.client.privacy import NoisePlan, SiteAccountant
-from fedsynth.common.accounting import RDP_ORDERS
 from fedsynth.common.config import RunConfig
 from fedsynth.common.messages import ARRAYS, METRICS, from_record
+from fedsynth.common.privacy.accounting import RDP_ORDERS, SiteAccountant
+from fedsynth.common.privacy.plan import NoisePlan
 from fedsynth.common.synthesis import Synthesizer
 from fedsynth.server.cli import console, render_status
 from fedsynth.server.coordinator import ROUNDS_LOG, Coordinator, CoordinatorStoppedError

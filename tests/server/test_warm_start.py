@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import fedsynth.client.local
+import fedsynth.common.training.data
 from fedsynth.common.checkpoint import read_metadata
 from fedsynth.common.messages import ARRAYS, from_record
 from fedsynth.server import warm_start
@@ -33,13 +33,13 @@ def test_the_coordinator_warm_starts_on_the_phantom_with_no_site_present(
     """No site folder exists and no node is connected: every folder the warm start reads is
     the phantom it generated inside its own cache, and round 1 would start from its result."""
     read: list[Path] = []
-    load_sites = fedsynth.client.local.load_sites
+    load_sites = fedsynth.common.training.data.load_sites
 
     def recording(site_dirs, config, cache_dir):  # type: ignore[no-untyped-def]
         read.extend(Path(d) for d in site_dirs)
         return load_sites(site_dirs, config, cache_dir)
 
-    monkeypatch.setattr(fedsynth.client.local, "load_sites", recording)
+    monkeypatch.setattr(fedsynth.common.training.data, "load_sites", recording)
     config = tiny_config(*WARM)
     coordinator = Coordinator(InProcessGrid({}), config, tmp_path / "runs" / "a")
     cache = tmp_path / "runs" / WARM_STARTS

@@ -13,7 +13,6 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsynth.client.privacy import install_grad_samplers
 from fedsynth.common.config import ModelConfig
 from fedsynth.common.losses import (
     cycle_loss,
@@ -35,6 +34,7 @@ from fedsynth.common.models import (
     patch_receptive_field,
     warp,
 )
+from fedsynth.common.privacy.grad_samplers import install_grad_samplers
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),

@@ -16,14 +16,6 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import default_collate
 
-from fedsynth.client.privacy import (
-    PatientPoissonLoader,
-    plan_noise,
-    private_loader,
-    private_population,
-)
-from fedsynth.client.trainer import CycleGANTrainer
-from fedsynth.common.accounting import RDP_ORDERS
 from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from fedsynth.common.data.datasets import PatientSlices, TrainingSlices
 from fedsynth.common.data.discovery import Scan
@@ -31,6 +23,14 @@ from fedsynth.common.data.preprocess import SliceStack
 from fedsynth.common.data.site import Volume
 from fedsynth.common.modalities import Modality
 from fedsynth.common.models import freeze_encoder
+from fedsynth.common.privacy.accounting import RDP_ORDERS
+from fedsynth.common.privacy.plan import plan_noise
+from fedsynth.common.privacy.sampling import (
+    PatientPoissonLoader,
+    private_loader,
+    private_population,
+)
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 SIZE = 16
 TINY = ModelConfig(generator="unet", unet_depth=3, ngf=4, ndf=4, d_layers=1, intensity_prior=5)

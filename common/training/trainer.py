@@ -6,9 +6,9 @@ call them G, F, D_Y, D_X) and, when the data is misaligned, the RegGAN registrat
 network keeps two later needs simple: per-network gradient clipping and per-network Opacus
 wrapping (every network that sees a real image gets its own private optimiser). The generators'
 objective depends on the kind of each example (weakly paired: pix2pix or RegGAN NC+R; unpaired:
-CycleGAN) and lives in :mod:`fedsynth.client.objectives`; R only ever sees paired examples.
+CycleGAN) and lives in :mod:`fedsynth.common.training.objectives`; R only ever sees paired examples.
 
-Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`fedsynth.client.privacy`) every network is
+Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`fedsynth.common.privacy`) every network is
 an Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
 
 * discriminators are "frozen" during the generator update by a context that disables their hooks
@@ -53,15 +53,22 @@ from torch import nn
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
 
-from fedsynth.client.objectives import Examples, Objective, generator_objective, merge_metrics
 from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from fedsynth.common.device import resolve_device
 from fedsynth.common.io import atomic_save
 from fedsynth.common.losses import discriminator_loss
 from fedsynth.common.models import define_cyclegan, freeze_encoder
+from fedsynth.common.training.objectives import (
+    Examples,
+    Objective,
+    generator_objective,
+    merge_metrics,
+)
+from fedsynth.common.training.schedule import linear_decay
 
 if TYPE_CHECKING:
-    from fedsynth.client.privacy import NoisePlan, SiteAccountant
+    from fedsynth.common.privacy.accounting import SiteAccountant
+    from fedsynth.common.privacy.plan import NoisePlan
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +123,6 @@ def _as_random_state(value: Any) -> tuple[Any, ...]:
     """``random.Random.getstate()`` survives torch.save as nested tuples/lists; restore tuples."""
     version, internal, gauss = value
     return (int(version), tuple(int(v) for v in internal), gauss)
-
-
-def linear_decay(total_epochs: int, decay_epochs: int) -> Any:
-    """Learning-rate factor per epoch: 1 for the first epochs, then linearly down towards 0.
-
-    As in Zhu et al.: constant for ``total - decay`` epochs, then ``1 - (e - start + 1) / (decay
-    + 1)`` so the last epoch still learns a little.
-    """
-    start = total_epochs - decay_epochs
-
-    def factor(epoch: int) -> float:
-        if decay_epochs == 0 or epoch < start:
-            return 1.0
-        return max(0.0, 1.0 - (epoch - start + 1) / (decay_epochs + 1))
-
-    return factor
 
 
 class CycleGANTrainer:
@@ -269,7 +260,8 @@ class CycleGANTrainer:
         made from one), so every one of them becomes private; a frozen one (G_BA and D_A in
         one-way training) reads nothing and stays as it is.
         """
-        from fedsynth.client.privacy import SiteAccountant, make_private
+        from fedsynth.common.privacy.accounting import SiteAccountant
+        from fedsynth.common.privacy.dp_sgd import make_private
 
         if self.privacy is None:
             raise ValueError(
@@ -358,8 +350,8 @@ class CycleGANTrainer:
         """One update of the generators (and R), then of both discriminators.
 
         ``batch``: ``"a"``, ``"b"``, optional ``"a_mask"``, ``"b_mask"``, ``"paired"`` (see
-        :class:`~fedsynth.client.objectives.Examples`). Under DP a Poisson batch (possibly empty),
-        and the step is recorded by the site's accountant.
+        :class:`~fedsynth.common.training.objectives.Examples`). Under DP a Poisson batch (possibly
+        empty), and the step is recorded by the site's accountant.
         """
         for net in self.nets.values():
             net.train()
@@ -373,7 +365,7 @@ class CycleGANTrainer:
         return metrics
 
     def _private_update(self, batch: Batch | Any) -> dict[str, float]:
-        from fedsynth.client.privacy import mark_empty_batch
+        from fedsynth.common.privacy.dp_sgd import mark_empty_batch
 
         assert self.privacy is not None and self.plan is not None and self.accountant is not None
         size = int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
@@ -427,9 +419,9 @@ class CycleGANTrainer:
     def generator_loss(self, batch: Batch | Examples) -> Objective:
         """The generators' (and R's) objective on a batch, chosen per example kind.
 
-        See :func:`fedsynth.client.objectives.generator_objective`. Call it with D frozen. The
-        FedProx term is not included. A mean over examples, so the loss of a batch of one is that
-        example's own loss (what the DP tests compare per-sample gradients against).
+        See :func:`fedsynth.common.training.objectives.generator_objective`. Call it with D frozen.
+        The FedProx term is not included. A mean over examples, so the loss of a batch of one is
+        that example's own loss (what the DP tests compare per-sample gradients against).
         """
         examples = batch if isinstance(batch, Examples) else Examples.from_batch(batch, self.device)
         with self._autocast():
@@ -469,7 +461,7 @@ class CycleGANTrainer:
                 metrics["loss_proximal"] = _value(loss_prox)
             loss_g.backward()
         if self.private:
-            from fedsynth.client.privacy import mark_empty_batch
+            from fedsynth.common.privacy.dp_sgd import mark_empty_batch
 
             for name in generator_names:
                 if name not in objective.used:  # R in an unpaired chunk: nothing to add
@@ -661,7 +653,7 @@ class CycleGANTrainer:
     @staticmethod
     def saved_plan(state: Mapping[str, Any] | None) -> NoisePlan | None:
         """The noise plan a saved state was trained under, if it was private."""
-        from fedsynth.client.privacy import NoisePlan
+        from fedsynth.common.privacy.plan import NoisePlan
 
         if state is None or "privacy" not in state:
             return None

@@ -18,20 +18,12 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from fedsynth.client.privacy import (
-    BudgetSpentError,
-    NoisePlan,
-    SiteAccountant,
-    check_budget,
-    conv2d_grad_sample,
-    conv_transpose2d_grad_sample,
-    patient_epsilon,
-    plan_noise,
-)
-from fedsynth.client.trainer import CycleGANTrainer, _target
-from fedsynth.common.accounting import RDP_ORDERS
 from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from fedsynth.common.models import define_cyclegan
+from fedsynth.common.privacy.accounting import RDP_ORDERS, SiteAccountant, patient_epsilon
+from fedsynth.common.privacy.grad_samplers import conv2d_grad_sample, conv_transpose2d_grad_sample
+from fedsynth.common.privacy.plan import BudgetSpentError, NoisePlan, check_budget, plan_noise
+from fedsynth.common.training.trainer import CycleGANTrainer, _target
 
 TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, d_layers=1)
 SIZE = 16

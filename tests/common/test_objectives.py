@@ -15,10 +15,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-import fedsynth.client.objectives
-from fedsynth.client.objectives import Examples, generator_objective, merge_metrics
-from fedsynth.client.privacy import plan_noise
-from fedsynth.client.trainer import CycleGANTrainer, _target
+import fedsynth.common.training.objectives
 from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from fedsynth.common.losses import (
     cycle_loss,
@@ -28,6 +25,9 @@ from fedsynth.common.losses import (
     registration_correction_loss,
     weighted_l1_loss,
 )
+from fedsynth.common.privacy.plan import plan_noise
+from fedsynth.common.training.objectives import Examples, generator_objective, merge_metrics
+from fedsynth.common.training.trainer import CycleGANTrainer, _target
 
 TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, d_layers=1, registration_filters=4)
 SIZE = 16
@@ -81,13 +81,13 @@ def _record_r(net: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _record_correction_targets(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Every target the registration-corrected loss is computed against, from now on."""
     corrected: list[torch.Tensor] = []
-    original = fedsynth.client.objectives.registration_correction_loss
+    original = fedsynth.common.training.objectives.registration_correction_loss
 
     def spy(warped: torch.Tensor, target: torch.Tensor, weight: Any = None) -> torch.Tensor:
         corrected.append(target.detach().clone())
         return original(warped, target, weight)
 
-    monkeypatch.setattr(fedsynth.client.objectives, "registration_correction_loss", spy)
+    monkeypatch.setattr(fedsynth.common.training.objectives, "registration_correction_loss", spy)
     return corrected
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsynth.client.trainer import CycleGANTrainer, ImagePool, linear_decay
 from fedsynth.common.config import ModelConfig, TrainingConfig
+from fedsynth.common.training.trainer import CycleGANTrainer, ImagePool, linear_decay
 
 TINY = ModelConfig(ngf=8, n_blocks=1, ndf=8, d_layers=1)
 SIZE = 32
