@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,3 +62,30 @@ def atomic_save(target: Path, save: Callable[[Path], None], mode: int | None = N
     """Call ``save(tmp_path)`` and move the result onto ``target`` atomically."""
     with atomic_path(target, mode) as tmp:
         save(tmp)
+
+
+def atomic_write_bytes_default_mode(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically, with the mode ``open(target, "wb")`` would give.
+
+    That is ``0666`` less the process umask, as for any file ``open()`` creates, where the
+    helpers above make private files (0600) unless given a mode. It never reads or changes the
+    umask (``os.umask`` is process-wide), so worker threads may call it concurrently.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)

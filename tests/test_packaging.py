@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -106,9 +107,19 @@ def test_imports_run_one_way() -> None:
 
 @pytest.mark.slow
 def test_the_wheel_holds_only_the_fedsynth_package(tmp_path: Path) -> None:
+    # What the Docker image copies, in a folder of its own: setuptools' build/ stays out of the
+    # checkout, and nothing left there by an earlier build can end up in this wheel.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in FOLDERS:
+        shutil.copytree(
+            ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
     )  # fmt: skip
