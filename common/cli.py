@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from fedsynth.common.config import (
 from fedsynth.common.data.errors import SiteDataError
 from fedsynth.common.data.inspect import SiteReport, inspect_site
 from fedsynth.common.modalities import Direction, Modality
+
+if TYPE_CHECKING:
+    from fedsynth.common.evaluation import EvaluationReport
 
 logger = logging.getLogger(__name__)
 # Pipes and CI logs get a fixed, comfortable width instead of rich's 80-column fallback.
@@ -45,6 +48,8 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override one value: section.field=value (repeatable)."),
 ]
+CheckpointOption = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 
 
 def fail(problem: object, code: int = 1) -> NoReturn:
@@ -295,12 +300,12 @@ def config_command(
 def synthesize_command(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="Source NIfTI volume.")],
     output_path: Annotated[Path, typer.Argument(metavar="OUTPUT", help="NIfTI to write.")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")],
+    checkpoint: CheckpointOption,
     modality: Annotated[
         str | None,
         typer.Option(help="The input's modality when its file name does not say (BIDS suffix)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.", min=1)] = 16,
     bf16: Annotated[
         bool, typer.Option(help="bfloat16 autocast (faster; see BENCHMARKS.md).")
@@ -327,13 +332,13 @@ def synthesize_command(
 
 
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")],
+    checkpoint: CheckpointOption,
     site: Annotated[Path, typer.Option("--site", help="Site folder with co-registered pairs.")],
     out: Annotated[
         Path | None,
         typer.Option(help="JSON report (default: <checkpoint>/evaluation-<site>.json)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: DeviceOption = "auto",
     skip_bad: Annotated[
         bool,
         typer.Option("--skip-bad", help="Evaluate without the site's unusable scans (logged)."),
@@ -343,6 +348,28 @@ def evaluate_command(
 
     When the checkpoint carries its training sites' intensity statistics, the naive baselines
     (constant, histogram matching, lookup table) are scored on the same subjects beside it."""
+    name, report, has_statistics, skipped = _evaluate_site(checkpoint, site, device, skip_bad)
+    console.print(_evaluation_table(name, report))
+    if not has_statistics:
+        console.print(
+            "no naive baselines: the checkpoint carries no intensity statistics of its "
+            "training sites (made before fedsynth recorded them)"
+        )
+    else:
+        for baseline, reason in skipped.items():
+            console.print(f"{baseline}: not scored ({reason})", highlight=False)
+        _print_baseline_gap(report)
+    target = out or Path(checkpoint) / f"evaluation-{name}.json"
+    report.write(target)
+    console.print(f"report: {target}")
+
+
+def _evaluate_site(
+    checkpoint: Path, site: Path, device: str, skip_bad: bool
+) -> tuple[str, EvaluationReport, bool, dict[str, str]]:
+    """Score the checkpoint (and the naive baselines, when it carries the statistics) on the
+    site's pairs: the site's name, the report, whether there were statistics, the baselines
+    not scored and why. Exits with code 1 on a bad checkpoint or site."""
     from fedsynth.common.baselines import IntensityStats, fit_baselines
     from fedsynth.common.checkpoint import CheckpointError
     from fedsynth.common.evaluation import add_baselines, evaluate_pairs, site_pairs
@@ -364,19 +391,28 @@ def evaluate_command(
             add_baselines(report, pairs, fitted)
     except (CheckpointError, SiteDataError, ValueError) as exc:
         fail(exc, 1)
+    return name, report, statistics is not None, skipped
+
+
+_EVALUATION_COLUMNS = (
+    ("PSNR", "psnr", ".2f"),
+    ("PSNR fg", "psnr_masked", ".2f"),
+    ("SSIM", "ssim", ".4f"),
+    ("SSIM fg", "ssim_masked", ".4f"),
+    ("MAE fg", "mae_masked", ".4f"),
+    ("k low", "kspace_low", ".3f"),
+    ("k mid", "kspace_mid", ".3f"),
+    ("k high", "kspace_high", ".3f"),
+)
+_LESION_COLUMNS = (("PSNR lesion", "lesion_psnr", ".2f"), ("SSIM lesion", "lesion_ssim", ".4f"))
+
+
+def _evaluation_table(name: str, report: EvaluationReport) -> Table:
+    """One row per subject, the mean, then each naive baseline's mean (title, key, format)."""
     table = Table(title=f"{name}: {report.direction} on true pairs")
-    columns = [
-        ("PSNR", "psnr", ".2f"),
-        ("PSNR fg", "psnr_masked", ".2f"),
-        ("SSIM", "ssim", ".4f"),
-        ("SSIM fg", "ssim_masked", ".4f"),
-        ("MAE fg", "mae_masked", ".4f"),
-        ("k low", "kspace_low", ".3f"),
-        ("k mid", "kspace_mid", ".3f"),
-        ("k high", "kspace_high", ".3f"),
-    ]
+    columns = list(_EVALUATION_COLUMNS)
     if any("lesion_psnr" in s.metrics for s in report.subjects):
-        columns += [("PSNR lesion", "lesion_psnr", ".2f"), ("SSIM lesion", "lesion_ssim", ".4f")]
+        columns += _LESION_COLUMNS
     table.add_column("subject")
     table.add_column("slices", justify="right")
     for title, _, _ in columns:
@@ -395,31 +431,24 @@ def evaluate_command(
         table.add_section()
         for baseline, scores in report.baselines.items():
             row(f"{baseline} (mean)", slices, scores.mean)
-    console.print(table)
-    if statistics is None:
-        console.print(
-            "no naive baselines: the checkpoint carries no intensity statistics of its "
-            "training sites (made before fedsynth recorded them)"
+    return table
+
+
+def _print_baseline_gap(report: EvaluationReport) -> None:
+    """Say how far the model is above or below the best naive baseline in masked PSNR."""
+    best = max(
+        report.baselines,
+        key=lambda b: report.baselines[b].mean.get("psnr_masked", float("-inf")),
+        default=None,
+    )
+    if best is not None:
+        gap = report.mean.get("psnr_masked", math.nan) - report.baselines[best].mean.get(
+            "psnr_masked", math.nan
         )
-    else:
-        for baseline, reason in skipped.items():
-            console.print(f"{baseline}: not scored ({reason})", highlight=False)
-        best = max(
-            report.baselines,
-            key=lambda b: report.baselines[b].mean.get("psnr_masked", float("-inf")),
-            default=None,
-        )
-        if best is not None:
-            gap = report.mean.get("psnr_masked", math.nan) - report.baselines[best].mean.get(
-                "psnr_masked", math.nan
+        if math.isfinite(gap):
+            side = "above" if gap >= 0 else "below"
+            console.print(
+                f"the model is {abs(gap):.2f} dB {side} the best naive baseline ({best}) in "
+                "masked PSNR, on the same subjects, slices and mask",
+                highlight=False,
             )
-            if math.isfinite(gap):
-                side = "above" if gap >= 0 else "below"
-                console.print(
-                    f"the model is {abs(gap):.2f} dB {side} the best naive baseline ({best}) in "
-                    "masked PSNR, on the same subjects, slices and mask",
-                    highlight=False,
-                )
-    target = out or Path(checkpoint) / f"evaluation-{name}.json"
-    report.write(target)
-    console.print(f"report: {target}")

@@ -270,6 +270,26 @@ def check_header(
         )
     if min(shape) < 2:
         raise ScanError(path, f"degenerate 3D shape {shape}: every axis needs at least 2 voxels")
+    content = _check_claimed_size(path, header, shape, dtype, vox_offset, limits)
+    affine = _claimed_affine(path, header, limits)
+    if spacing_mm is not None:
+        check_resampled_grid(path, shape, affine, spacing_mm, limits)
+    return HeaderFacts(header, image_class, shape, affine, content)
+
+
+def _check_claimed_size(
+    path: Path,
+    header: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    vox_offset: int,
+    limits: ScanLimits,
+) -> int:
+    """Refuse a grid, voxel type or data size over the limits, before any voxel is read.
+
+    Returns:
+        The bytes the file must decompress to: header, extensions and voxel data.
+    """
     if max(shape) > limits.max_axis_voxels:
         raise ScanError(
             path,
@@ -302,6 +322,12 @@ def check_header(
             "bomb?)",
             hint=_limit_hint("max_decompressed_gib"),
         )
+    return content
+
+
+def _claimed_affine(path: Path, header: Any, limits: ScanLimits) -> np.ndarray:
+    """The header's voxel-to-world affine; refuses a scan without orientation, with a singular
+    (or non-finite) affine, or with voxel sizes outside ``limits.voxel_mm`` (a units error)."""
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         raise ScanError(
             path,
@@ -327,9 +353,7 @@ def check_header(
             f"mm (a units error in the export?{said})",
             hint=_limit_hint("voxel_mm"),
         )
-    if spacing_mm is not None:
-        check_resampled_grid(path, shape, affine, spacing_mm, limits)
-    return HeaderFacts(header, image_class, shape, affine, content)
+    return affine
 
 
 def _spatial_unit(header: Any) -> str:
