@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsynth.simulations import report
 from fedsynth.simulations.report import (
     MISSING,
+    extract,
     headline_lines,
     write_grid_report,
     write_report,
@@ -444,7 +444,7 @@ def test_many_local_models_show_only_the_smallest_and_largest_in_figures(tmp_pat
     )
     text = write_report(tmp_path, results).read_text(encoding="utf-8")
     assert "smallest and largest sites only" in section(text, "Per-round curves")
-    drawn, trimmed = report._baselines(results)  # the dashed lines of the curves figure
+    drawn, trimmed = extract._baselines(results)  # the dashed lines of the curves figure
     assert trimmed and [m.name for m in drawn] == ["local:site-b", "local:site-c"]
     rows = table(section(text, "Headline"))
     assert len(rows) == 1 + 1 + len(sizes)  # the table still lists every model
