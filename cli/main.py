@@ -18,7 +18,7 @@ from fedsynth.common.cli import (
     synthesize_command,
 )
 from fedsynth.server.cli import certs_command, keygen_command, server_command, status_command
-from fedsynth.simulations.run import simulate_command
+from fedsynth.simulations.cli import simulate_command
 
 app = typer.Typer(
     name="fedsynth",

@@ -6,8 +6,8 @@ a SuperNode would, and keeps the replies until pulled. Sites train one after ano
 costs the sum of the sites' training instead of the slowest one's, but the arithmetic is the same as
 a deployment's (``Coordinator`` and ``ClientApp`` are the real ones). Nodes can be silent (never
 reply); ``crash_on`` kills the "coordinator" when it collects a message group's replies.
-:func:`simulate_in_process` runs a simulated experiment's federation this way
-(``simulation.engine = "inprocess"``).
+:func:`run` runs a simulated experiment's federation this way (``simulation.engine =
+"inprocess"``, the :class:`~fedsynth.simulations.engines.Engine` of that name).
 
 :func:`tiny_config` and :func:`phantom_sites` make the small runs the tests and examples use.
 """
@@ -15,7 +15,7 @@ reply); ``crash_on`` kills the "coordinator" when it collects a message group's 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,6 +35,7 @@ from fedsynth.common.phantom import generate_consortium
 from fedsynth.server.coordinator import Coordinator, CoordinatorStoppedError
 from fedsynth.server.service import RunOutcome
 from fedsynth.server.status import STOPPED_FILE
+from fedsynth.simulations.engines import Federation
 
 TINY = [
     "data.spacing_mm=[6, 6, 6]",
@@ -136,49 +137,41 @@ class InProcessGrid:
         return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
 
 
-def simulate_in_process(
-    config: RunConfig,
-    sites: Sequence[Path],
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    state_root: Path | None = None,
-    echo: Callable[[str], None] = print,
-    cache_dir: Path | None = None,
-    site_misalignment: Sequence[str] = (),
-) -> RunOutcome:
+def run(federation: Federation) -> RunOutcome:
     """The federated phase of ``simulation.engine = "inprocess"``: what
-    :func:`fedsynth.simulations.engines.flower.simulate` runs on Flower, here on an
+    :func:`fedsynth.simulations.engines.flower.run` runs on Flower, here on an
     :class:`InProcessGrid`.
 
     Simulated site ``i`` reads ``sites[i]`` exactly as a simulated SuperNode would (the same
     run-config keys), the coordinator writes the same run folder, and a coordinator that stops
     early (a privacy budget, too few sites) leaves the same ``STOPPED`` file.
     """
-    run_dir = Path(run_dir)
-    missing = [str(s) for s in sites if not Path(s).is_dir()]
-    if missing:
-        raise ValueError(f"site folder(s) not found: {', '.join(missing)}")
+    config, sites, resume = federation.config, federation.sites, federation.resume
+    run_dir = Path(federation.run_dir)
+    federation.check_sites()
     if resume and not (run_dir / RESOLVED_CONFIG_NAME).exists():
         raise FileNotFoundError(f"resume {run_dir}: no {RESOLVED_CONFIG_NAME} there")
     if not resume:
         write_resolved_config(config, run_dir)
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+    cache_dir = federation.cache_dir
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "cache"
     run_config: dict[str, Any] = {
         "site-dirs": ",".join(str(Path(s).resolve()) for s in sites),
         "cache-dir": str(cache.resolve()),
     }
-    if state_root is not None:
-        run_config["state-root"] = str(Path(state_root).resolve())
-    if site_misalignment:
-        run_config["site-misalignment"] = ",".join(site_misalignment)
+    if federation.state_root is not None:
+        run_config["state-root"] = str(Path(federation.state_root).resolve())
+    if federation.site_misalignment:
+        run_config["site-misalignment"] = ",".join(federation.site_misalignment)
     nodes = {
         index + 1: {"partition-id": index, "num-partitions": len(sites)}
         for index in range(len(sites))
     }
     grid = InProcessGrid(nodes, run_config=run_config)
-    echo(f"in-process federation: {len(sites)} sites, one after another (no Flower processes)")
+    federation.echo(
+        f"in-process federation: {len(sites)} sites, one after another (no Flower processes)"
+    )
     coordinator = Coordinator(
         grid, config, run_dir, resume=resume, site_dirs=[str(s) for s in sites]
     )

@@ -16,15 +16,12 @@ from fedsynth.common.data.datasets import UnpairedSlices
 from fedsynth.common.data.site import load_site
 from fedsynth.common.metrics import to_unit
 from fedsynth.simulations.engines.inprocess import tiny_config
-from fedsynth.simulations.run import (
-    ExperimentError,
-    Phases,
-    _mean,
-    baseline_config,
-    grid_cells,
-    make_split,
-    prepare_folder,
-)
+from fedsynth.simulations.errors import ExperimentError
+from fedsynth.simulations.evaluation import _mean
+from fedsynth.simulations.grid import grid_cells
+from fedsynth.simulations.phases import Phases, prepare_folder
+from fedsynth.simulations.split import make_split
+from fedsynth.simulations.training import baseline_config
 from tests.conftest import SiteMaker
 
 
@@ -179,7 +176,7 @@ def test_naive_baselines_are_summed_from_the_training_sites_and_scored_on_the_te
         site_statistics,
     )
     from fedsynth.common.data.datasets import PairedSlices
-    from fedsynth.simulations.run import TestSets, naive_baselines
+    from fedsynth.simulations.evaluation import TestSets, naive_baselines
 
     config = tiny_config("data.spacing_mm=[4, 4, 4]", "data.image_size=16")
     shape = (24, 26, 20)
@@ -337,7 +334,7 @@ def test_results_keep_nan_and_inf_through_json(tmp_path: Path) -> None:
 def test_grid_runs_every_cell_survives_a_failure_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedsynth.simulations.run as run_module
+    import fedsynth.simulations.grid as grid_module
     from fedsynth.simulations.results import ExperimentResults, ModelResult, SplitSummary
 
     calls: list[tuple[str, str, float | None]] = []
@@ -358,7 +355,7 @@ def test_grid_runs_every_cell_survives_a_failure_and_resumes(
         results.write(folder)
         return results
 
-    monkeypatch.setattr(run_module, "run_experiment", fake_experiment)
+    monkeypatch.setattr(grid_module, "run_experiment", fake_experiment)
     config = tmp_path / "grid.toml"
     config.write_text(
         """
@@ -370,7 +367,7 @@ fedavg = ["federation.strategy=fedavg"]
 fedprox = ["federation.strategy=fedprox"]
 """
     )
-    report = run_module.run_grid(
+    report = grid_module.run_grid(
         config, "cpu-small", [], folder=tmp_path / "grid", echo=lambda _: None
     )
     assert [c[1:] for c in calls] == [
@@ -382,7 +379,7 @@ fedprox = ["federation.strategy=fedprox"]
     assert "not run / failed" in text  # the broken cell is listed, the others survived
     # Resume: finished cells are skipped, the failed one is tried again.
     calls.clear()
-    run_module.run_grid(
+    grid_module.run_grid(
         config, "cpu-small", [], folder=tmp_path / "grid", resume=True, echo=lambda _: None
     )
     assert [c[1:] for c in calls] == [("fedprox", 4.0)]
@@ -430,7 +427,7 @@ def test_ray_resources_and_cluster_reach_flower(
 def test_a_simulated_site_with_unusable_files_is_named_and_left_out_of_local_training(
     make_site: SiteMaker, tmp_path: Path
 ) -> None:
-    from fedsynth.simulations.run import count_slices
+    from fedsynth.simulations.split import count_slices
     from tests.intake import BAD_KINDS
 
     config = tiny_config()
