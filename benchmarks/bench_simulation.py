@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from fedsynth.simulations.engines.inprocess import tiny_config
-from fedsynth.simulations.run import run_experiment
+from fedsynth.simulations.experiment import run_experiment
 
 
 def _children() -> dict[int, list[int]]:

@@ -1,6 +1,6 @@
 """What a simulated experiment measured, as one JSON file the report is drawn from.
 
-``runs/<name>/results.json`` is written by :mod:`fedsynth.simulations.run` and read by
+``runs/<name>/results.json`` is written by :mod:`fedsynth.simulations.experiment` and read by
 :mod:`fedsynth.simulations.report`; nothing in it needs the images or the models again, so a report
 can be redrawn (or several experiments compared) long after the runs. Metric names are those of
 :func:`fedsynth.common.metrics.image_metrics` (``psnr_masked``, ``ssim_masked``, ``mae_masked``,

@@ -10,15 +10,15 @@ clinical scans: each contrast on its own grid, misaligned, some subjects missing
 co-registered copy ``site-e-coreg``, and, for MRI -> CT, ``<data>/brain-ct/site-ct``.
 
 * **Leave one site out.** For every MRI site and every direction (T1w->T2w, then T1w->FLAIR),
-  ``fedsynth simulate``'s experiment (:func:`fedsynth.simulations.run.run_experiment`) trains on the
-  other sites as they are (the natural split, no held-out subjects) and evaluates on the left-out
-  site (``--eval-site``): the federation on Flower's simulation engine, a local-only model per
-  training site and the pooled model, with the federation's compute. Sites train on what they hold:
-  a session's contrasts as weakly paired examples (the raw clinical site's brought onto one grid by
-  their scanner affines), the rest unpaired (:mod:`fedsynth.common.data.pairing`). Each model is the
-  one its training sites' own validation data chose (best round or epoch). The clinical site trains
-  on its raw scans and is scored, when left out, on its co-registered copy; the copy is never
-  trained on.
+  ``fedsynth simulate``'s experiment (:func:`~fedsynth.simulations.experiment.run_experiment`)
+  trains on the other sites as they are (the natural split, no held-out subjects) and evaluates on
+  the left-out site (``--eval-site``): the federation on Flower's simulation engine, a local-only
+  model per training site and the pooled model, with the federation's compute. Sites train on what
+  they hold: a session's contrasts as weakly paired examples (the raw clinical site's brought onto
+  one grid by their scanner affines), the rest unpaired (:mod:`fedsynth.common.data.pairing`). Each
+  model is the one its training sites' own validation data chose (best round or epoch). The clinical
+  site trains on its raw scans and is scored, when left out, on its co-registered copy; the copy is
+  never trained on.
 * **Naive baselines** (:mod:`fedsynth.common.baselines`), fitted from the training sites' intensity
   statistics (each site's own, summed as a coordinator would) and scored on the left-out site's
   pairs in the same mask: the training sites' mean target intensity (constant), histogram

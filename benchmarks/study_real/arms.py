@@ -10,8 +10,9 @@ from benchmarks.study_real.settings import VARIANT_SETTINGS, Study, slug
 from fedsynth.common.baselines import Predictor
 from fedsynth.common.data.datasets import PairedSlices
 from fedsynth.common.evaluation import evaluate_predictor, site_pairs
+from fedsynth.simulations.evaluation import naive_baselines
+from fedsynth.simulations.experiment import run_experiment
 from fedsynth.simulations.results import RESULTS_NAME
-from fedsynth.simulations.run import naive_baselines, run_experiment
 
 
 def experiment_dir(study: Study, direction: str, fold: str, variant: str | None = None) -> Path:

@@ -15,6 +15,7 @@ from benchmarks.study_real.ct import _voxels, brain_mask, intracranial
 from benchmarks.study_real.settings import VARIANT_LABELS, Study
 from fedsynth.common.baselines import BASELINE_NAMES
 from fedsynth.common.modalities import Direction
+from fedsynth.simulations.evaluation import unseen_name
 from fedsynth.simulations.report import figure_grid, save_png
 from fedsynth.simulations.results import (
     FEDERATED,
@@ -24,7 +25,6 @@ from fedsynth.simulations.results import (
     ExperimentResults,
     sample_key,
 )
-from fedsynth.simulations.run import unseen_name
 
 
 def _figure(rows: int, columns: int) -> tuple[Figure, np.ndarray]:

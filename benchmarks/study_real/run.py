@@ -34,9 +34,9 @@ from benchmarks.study_real.settings import (
 from fedsynth.common.flower_processes import FlowerError
 from fedsynth.common.io import READABLE, atomic_write_text
 from fedsynth.common.modalities import Direction
+from fedsynth.simulations.errors import ExperimentError
 from fedsynth.simulations.report import FIGURES_DIR
 from fedsynth.simulations.results import RESULTS_NAME
-from fedsynth.simulations.run import ExperimentError
 
 logger = logging.getLogger(__name__)
 

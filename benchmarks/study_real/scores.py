@@ -19,6 +19,7 @@ from benchmarks.study_real.settings import (
     Study,
 )
 from fedsynth.common.baselines import BASELINE_NAMES, HISTOGRAM
+from fedsynth.simulations.evaluation import unseen_name
 from fedsynth.simulations.results import (
     FEDERATED,
     LOCAL_PREFIX,
@@ -26,7 +27,6 @@ from fedsynth.simulations.results import (
     RESULTS_NAME,
     ExperimentResults,
 )
-from fedsynth.simulations.run import unseen_name
 
 
 def fold_rows(study: Study, direction: str, fold: str) -> dict[str, dict[str, Any]]:

@@ -22,8 +22,9 @@ from fedsynth.common.data.site import load_site
 from fedsynth.common.evaluation import site_pairs
 from fedsynth.common.phantom import generate_consortium
 from fedsynth.simulations.engines.inprocess import TINY, tiny_config
+from fedsynth.simulations.errors import ExperimentError
+from fedsynth.simulations.experiment import run_experiment
 from fedsynth.simulations.results import FEDERATED, POOLED, ExperimentResults
-from fedsynth.simulations.run import ExperimentError, run_experiment
 
 SETTINGS = [
     *TINY,
