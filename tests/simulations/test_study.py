@@ -1,4 +1,4 @@
-"""The real-MRI quality study (benchmarks/study_real.py) on a tiny setting: phantom hospitals laid
+"""The real-MRI quality study (benchmarks/study_real/) on a tiny setting: phantom hospitals laid
 out like ../shared/data, a tiny network, one round, the in-process federation. What is checked:
 every arm on every fold, the table against the folds' own results, the naive baselines (lookup
 table, histogram matching, constant) against a direct computation from the training sites' data,
