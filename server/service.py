@@ -103,7 +103,7 @@ def write_admitted(run_dir: Path, sites: Mapping[str, Path]) -> Path:
     Flower's SuperLink serves its Control API on the hospitals' port, so anyone who can reach that
     port with the CA certificate can register a node key of their own (tested). The coordinator
     therefore trusts only nodes whose key is listed here, under the name given here (see
-    :meth:`fedsynth.server.coordinator.Coordinator.screen_nodes`). On ``--resume`` without sites the
+    :meth:`fedsynth.server.exchange.SiteExchange.screen_nodes`). On ``--resume`` without sites the
     file from the first start is kept. Public keys only: the file is not secret.
     """
     path = Path(run_dir) / ADMITTED_FILE

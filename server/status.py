@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsynth.common.config import RESOLVED_CONFIG_NAME, ConfigError, load_config
+from fedsynth.common.config import RESOLVED_CONFIG_NAME, ConfigError, RunConfig, load_config
 from fedsynth.common.io import READABLE, atomic_write_text
 from fedsynth.server.round_store import latest_round, read_best
 
@@ -208,14 +208,21 @@ def _read_rounds(path: Path, notes: list[str]) -> dict[int, dict[str, Any]]:
     return records
 
 
-def read_status(run_dir: Path) -> RunStatus:
-    """The state of the run in ``run_dir``.
+@dataclass
+class _Activity:
+    """What the coordinator is doing, as far as the files tell (``status.json``, ``STOPPED``)."""
 
-    Raises:
-        FileNotFoundError: ``run_dir`` is not a coordinator's run folder.
-        ValueError: its configuration cannot be read.
-    """
-    run_dir = Path(run_dir)
+    state: str
+    round: int | None = None
+    detail: str = ""
+    since: float | None = None
+    updated: float | None = None
+    running: bool | None = None
+    online: list[str] = field(default_factory=list)
+    waiting_for: list[str] = field(default_factory=list)
+
+
+def _read_config(run_dir: Path) -> RunConfig:
     config_path = run_dir / RESOLVED_CONFIG_NAME
     if not config_path.exists():
         raise FileNotFoundError(
@@ -223,56 +230,54 @@ def read_status(run_dir: Path) -> RunStatus:
             "(or the federated/ folder of a `fedsynth simulate` experiment)"
         )
     try:
-        config = load_config(config_path, environ={})
+        return load_config(config_path, environ={})
     except ConfigError as exc:
         raise ValueError(f"{config_path}: {exc}") from None
-    notes: list[str] = []
-    records = _read_rounds(run_dir / ROUNDS_LOG, notes)
-    try:
-        completed = latest_round(run_dir) or 0
-    except ValueError as exc:
-        notes.append(str(exc))
-        completed = max(records, default=0)
 
-    live: LiveState | None = None
+
+def _read_live(run_dir: Path, notes: list[str]) -> LiveState | None:
     status_path = run_dir / STATUS_FILE
     if status_path.exists():
         try:
-            live = LiveState(**json.loads(status_path.read_text(encoding="utf-8")))
+            return LiveState(**json.loads(status_path.read_text(encoding="utf-8")))
         except (ValueError, TypeError) as exc:
             notes.append(f"{status_path}: unreadable ({exc})")
-    stopped_path = run_dir / STOPPED_FILE
-    stopped = stopped_path.read_text(encoding="utf-8").strip() if stopped_path.exists() else None
+    return None
 
-    rounds = config.federation.rounds
-    if live is not None:
-        state, round_number, detail = live.state, live.round, live.detail
-        since, updated = live.since, live.updated
-        online, waiting_for = list(live.online), list(live.waiting_for)
-        running = process_alive(live.pid, live.host)
-        if state not in FINAL_STATES and running is False:
-            state, detail = (
-                "interrupted",
-                (
-                    f"the coordinator (pid {live.pid}) is not running; it was {live.state}"
-                    + (f" in round {live.round}" if live.round else "")
-                ),
-            )
-    else:  # a run from before status.json, or one that never started its coordinator
+
+def _activity(
+    live: LiveState | None, completed: int, rounds: int, stopped: str | None
+) -> _Activity:
+    """The live state, or (without ``status.json``) what the run folder implies; a coordinator
+    that is no longer running reads as interrupted."""
+    if live is None:  # a run from before status.json, or one that never started its coordinator
         finished = completed >= rounds
-        state = "finished" if finished else ("stopped" if stopped else "unknown")
-        round_number, detail, since, updated, running = None, "", None, None, None
-        online, waiting_for = [], []
-    best = None
-    try:
-        best = read_best(run_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        notes.append(f"best round: unreadable ({exc})")
-    if stopped and state not in ("stopped", "interrupted"):
-        state = "stopped"
-    if state == "stopped" and stopped:
-        detail = stopped
+        return _Activity("finished" if finished else ("stopped" if stopped else "unknown"))
+    now = _Activity(
+        live.state,
+        live.round,
+        live.detail,
+        live.since,
+        live.updated,
+        process_alive(live.pid, live.host),
+        list(live.online),
+        list(live.waiting_for),
+    )
+    if now.state not in FINAL_STATES and now.running is False:
+        now.state, now.detail = (
+            "interrupted",
+            (
+                f"the coordinator (pid {live.pid}) is not running; it was {live.state}"
+                + (f" in round {live.round}" if live.round else "")
+            ),
+        )
+    return now
 
+
+def _sites_and_rejections(
+    records: dict[int, dict[str, Any]],
+) -> tuple[dict[str, SiteStatus], list[Rejection]]:
+    """Each site's history and every rejected update, from ``rounds.jsonl`` in round order."""
     sites: dict[str, SiteStatus] = {}
     rejected: list[Rejection] = []
     for number in sorted(records):
@@ -293,20 +298,54 @@ def read_status(run_dir: Path) -> RunStatus:
             site.rejections += 1
             site.last_rejection = f"round {number}: {'; '.join(reasons)}"
             rejected.append(Rejection(number, name, list(reasons)))
+    return sites, rejected
+
+
+def read_status(run_dir: Path) -> RunStatus:
+    """The state of the run in ``run_dir``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a coordinator's run folder.
+        ValueError: its configuration cannot be read.
+    """
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    notes: list[str] = []
+    records = _read_rounds(run_dir / ROUNDS_LOG, notes)
+    try:
+        completed = latest_round(run_dir) or 0
+    except ValueError as exc:
+        notes.append(str(exc))
+        completed = max(records, default=0)
+    live = _read_live(run_dir, notes)
+    stopped_path = run_dir / STOPPED_FILE
+    stopped = stopped_path.read_text(encoding="utf-8").strip() if stopped_path.exists() else None
+    rounds = config.federation.rounds
+    now = _activity(live, completed, rounds, stopped)
+    best = None
+    try:
+        best = read_best(run_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        notes.append(f"best round: unreadable ({exc})")
+    if stopped and now.state not in ("stopped", "interrupted"):
+        now.state = "stopped"
+    if now.state == "stopped" and stopped:
+        now.detail = stopped
+    sites, rejected = _sites_and_rejections(records)
     return RunStatus(
         run_dir=str(run_dir),
         direction=config.data.direction,
         strategy=config.federation.strategy,
         rounds=rounds,
         completed=completed,
-        state=state,
-        round=round_number,
-        detail=detail,
-        since=since,
-        updated=updated,
-        running=running,
-        online=online if state not in FINAL_STATES else [],
-        waiting_for=waiting_for if state not in FINAL_STATES else [],
+        state=now.state,
+        round=now.round,
+        detail=now.detail,
+        since=now.since,
+        updated=now.updated,
+        running=now.running,
+        online=now.online if now.state not in FINAL_STATES else [],
+        waiting_for=now.waiting_for if now.state not in FINAL_STATES else [],
         stopped_reason=stopped,
         round_seconds=[float(records[n].get("seconds", 0.0)) for n in sorted(records)],
         rejected=rejected,
