@@ -20,15 +20,9 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.audit import record_outgoing
-from fedsynth.client.site_round import (
-    DiskStore,
-    MemoryStore,
-    SiteError,
-    SiteSettings,
-    StateStore,
-    evaluate_round,
-    train_round,
-)
+from fedsynth.client.site_round import evaluate_round, train_round
+from fedsynth.client.site_settings import SiteError, SiteSettings
+from fedsynth.client.state_store import DiskStore, MemoryStore, StateStore
 from fedsynth.common.logs import drop_opacus_root_handler
 from fedsynth.common.messages import (
     ARRAYS,
@@ -147,13 +141,20 @@ def _in_order(
     return {key: shared[key] for key in received}
 
 
+def _received(
+    msg: Message, context: Context
+) -> tuple[SiteSettings, RoundInstruction, dict[str, torch.Tensor]]:
+    """The site's own settings (its log set up), the coordinator's instruction and weights."""
+    settings = SiteSettings.from_configs(context.node_config, context.run_config)
+    setup_site_logging(settings.state_dir)
+    instruction = _instruction(msg)
+    return settings, instruction, _global_state(msg, instruction)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
-        settings = SiteSettings.from_configs(context.node_config, context.run_config)
-        setup_site_logging(settings.state_dir)
-        instruction = _instruction(msg)
-        global_state = _global_state(msg, instruction)
+        settings, instruction, global_state = _received(msg, context)
         shared, metrics = train_round(
             settings, instruction, global_state, _store(settings, context)
         )
@@ -171,10 +172,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        settings = SiteSettings.from_configs(context.node_config, context.run_config)
-        setup_site_logging(settings.state_dir)
-        instruction = _instruction(msg)
-        global_state = _global_state(msg, instruction)
+        settings, instruction, global_state = _received(msg, context)
         metrics = evaluate_round(settings, instruction, global_state)
         return Message(RecordDict({METRICS: metrics_record(metrics)}), reply_to=msg)
     except Exception as exc:

@@ -137,13 +137,18 @@ def client_command(
         skip_bad=skip_bad,
         warm_worker=warm_worker,
     )
-    if insecure:
+    _run_daemon(options)
+
+
+def _run_daemon(options: ClientOptions) -> None:
+    """Check the options (a wrong path fails here, with the path), then run the SuperNode."""
+    if options.insecure:
         Console(stderr=True).print(f"[bold red]WARNING[/bold red] {INSECURE_WARNING}")
     try:
         supernode_command(options)
     except (ValueError, SiteDataError) as exc:
         fail(exc)
-    console.print(f"connecting to {superlink} with data from {data_dir}")
+    console.print(f"connecting to {options.superlink} with data from {options.data_dir}")
     code = run_supernode(options, echo=lambda line: typer.echo(line, err=True))
     if code:
         raise typer.Exit(code)

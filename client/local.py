@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedsynth.client.private_training import make_trainer_private
 from fedsynth.common.baselines import baseline_statistics
 from fedsynth.common.checkpoint import (
     CheckpointError,
@@ -39,14 +40,19 @@ from fedsynth.common.checkpoint import (
     save_checkpoint,
 )
 from fedsynth.common.config import RunConfig, write_resolved_config
-from fedsynth.common.data.datasets import PairedSlices, TrainingSlices, training_set
+from fedsynth.common.data.datasets import (
+    PairedSlices,
+    PatientSlices,
+    TrainingSlices,
+    training_set,
+)
 from fedsynth.common.data.site import SiteData
 from fedsynth.common.data.validation import hold_out, validation_pairs
 from fedsynth.common.evaluation import EvaluationReport, evaluate_pairs, pairs_by_subject
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.privacy.accounting import patient_epsilon
-from fedsynth.common.privacy.plan import BudgetSpentError, NoisePlan, check_budget, plan_noise
-from fedsynth.common.privacy.sampling import population_unit, private_loader, private_population
+from fedsynth.common.privacy.plan import BudgetSpentError, NoisePlan, check_budget
+from fedsynth.common.privacy.sampling import private_loader, private_population
 from fedsynth.common.training.data import load_sites, make_loader, output_scale
 from fedsynth.common.training.trainer import CycleGANTrainer
 
@@ -186,11 +192,65 @@ def train_local(
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir)
-    cache_dir = config.data.cache_dir or run_dir / "cache"
+    loaded, sites, validation, dataset = _training_data(site_dirs, config, site_misalignment)
+    job = _restore_trainer(config, dataset, validation, resume)
+    job.metadata = _checkpoint_metadata(config, sites)
+    job.best = _read_best(run_dir) if resume else None
+    if validation:
+        best = job.best
+        logger.info(
+            "choosing the best epoch on %d site(s)' validation data%s",
+            len(validation),
+            f" (best so far: epoch {best.epoch}, {best.score:.2f} dB)" if best else "",
+        )
+    history = _train_epochs(job, progress)
+    evaluations = _evaluate_sites(job, site_dirs, loaded) if evaluate else []
+    return LocalRun(
+        run_dir,
+        job.checkpoint,
+        history,
+        evaluations,
+        best_checkpoint=job.best_folder if job.best is not None else None,
+        best_epoch=job.best.epoch if job.best is not None else None,
+    )
+
+
+@dataclass
+class _LocalJob:
+    """What the phases of a local or pooled run share."""
+
+    config: RunConfig
+    dataset: TrainingSlices
+    validation: dict[str, list[tuple[str, PairedSlices]]]
+    trainer: CycleGANTrainer
+    population: TrainingSlices | PatientSlices
+    plan: NoisePlan | None  # None without DP-SGD
+    metadata: CheckpointMetadata = field(init=False)
+    best: BestEpoch | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    @property
+    def best_folder(self) -> Path:
+        return self.run_dir / BEST_CHECKPOINT_DIR
+
+
+def _training_data(
+    site_dirs: Sequence[Path], config: RunConfig, site_misalignment: Sequence[str] | None
+) -> tuple[
+    list[SiteData], list[SiteData], dict[str, list[tuple[str, PairedSlices]]], TrainingSlices
+]:
+    """The sites as loaded, their training parts, their validation sessions, the training set."""
+    cache_dir = config.data.cache_dir or config.run_dir / "cache"
     loaded = load_sites(site_dirs, config, cache_dir)  # read once, for training and evaluation
     sites = training_sites(loaded, config)
     validation = _validation_sets(sites)
-    domain_b = [v for s in sites for v in s.domain_b]
     misalignment: str | list[str] = config.data.misalignment
     if site_misalignment is not None:
         if len(site_misalignment) != len(sites):
@@ -209,7 +269,16 @@ def train_local(
         dataset.unpaired_count,
         len(sites),
     )
+    return loaded, sites, validation, dataset
 
+
+def _restore_trainer(
+    config: RunConfig,
+    dataset: TrainingSlices,
+    validation: dict[str, list[tuple[str, PairedSlices]]],
+    resume: bool,
+) -> _LocalJob:
+    """A trainer, private under DP-SGD, restored from the run folder's state when resuming."""
     trainer = CycleGANTrainer(
         config.model,
         config.training.model_copy(update={"lr": config.site_lr}),  # privacy.lr under DP-SGD
@@ -217,7 +286,7 @@ def train_local(
         registration=config.registration_enabled,
         privacy=config.privacy,
     )
-    state_path = run_dir / STATE_NAME
+    state_path = config.run_dir / STATE_NAME
     state = (
         torch.load(state_path, map_location=trainer.device, weights_only=True)
         if resume and state_path.exists()
@@ -226,17 +295,15 @@ def train_local(
     plan = None
     population = private_population(dataset, config.privacy)
     if config.privacy.dp_sgd:
-        plan = CycleGANTrainer.saved_plan(state) or plan_noise(
-            config.privacy,
-            examples=len(population),
-            batch_size=config.privacy.batch_size or config.training.batch_size,
-            networks=len(trainer.trained_names),
+        plan = make_trainer_private(
+            trainer,
+            config,
+            population,
+            state,
             steps_per_round=None,
             epochs_per_round=1,
             rounds=config.training.epochs,
-            unit=population_unit(config.privacy),
         )
-        trainer.make_private(plan)
     elif config.privacy.site_level:
         raise ValueError(
             "privacy.level = 'site' protects a site's contribution to a federation; a local or "
@@ -244,101 +311,110 @@ def train_local(
         )
     if state is not None:
         trainer.load_state_dict(state)
-        logger.info("resumed %s at epoch %d (step %d)", run_dir, trainer.epoch, trainer.step)
+        logger.info("resumed %s at epoch %d (step %d)", config.run_dir, trainer.epoch, trainer.step)
+    return _LocalJob(config, dataset, validation, trainer, population, plan)
 
-    kind = "local" if len(sites) == 1 else "pooled"
-    metadata = CheckpointMetadata(
-        kind=kind,
+
+def _checkpoint_metadata(config: RunConfig, sites: Sequence[SiteData]) -> CheckpointMetadata:
+    """The checkpoints' metadata before the first epoch (counters and metrics come per epoch)."""
+    return CheckpointMetadata(
+        kind="local" if len(sites) == 1 else "pooled",
         direction=config.data.direction,
         model=config.model,
         data=config.data,
-        output_scale=output_scale(domain_b),
+        output_scale=output_scale([v for s in sites for v in s.domain_b]),
         sites=[s.name for s in sites],
         # The training parts' intensity statistics: `fedsynth evaluate` scores the naive
         # baselines beside this model from them (no image, see fedsynth.common.baselines).
         baselines=baseline_statistics(sites),
     )
-    checkpoint = run_dir / CHECKPOINT_DIR
-    best_folder = run_dir / BEST_CHECKPOINT_DIR
-    best = _read_best(run_dir) if resume else None
-    if validation:
-        logger.info(
-            "choosing the best epoch on %d site(s)' validation data%s",
-            len(validation),
-            f" (best so far: epoch {best.epoch}, {best.score:.2f} dB)" if best else "",
-        )
-    history: list[dict[str, float]] = []
-    while trainer.epoch < config.training.epochs:
-        loader: Iterable[Any]
-        if plan is None:
-            loader = make_loader(dataset, config, trainer.epoch)
-        else:
-            assert trainer.accountant is not None
-            try:
-                check_budget(trainer.accountant, plan, config.privacy.budget_epsilon)
-            except BudgetSpentError as exc:
-                logger.warning("stopping after epoch %d: %s", trainer.epoch, exc)
-                break
-            loader = private_loader(
-                population,
-                plan,
-                seed=config.training.seed * 100_003 + trainer.epoch,
-                epoch=trainer.epoch,
-                num_workers=config.training.num_workers,
-            )
-        history += trainer.fit(loader, 1, progress=progress)
-        if plan is not None:
-            history[-1].update(epsilon=trainer.epsilon(), delta=config.privacy.delta)
-        score, per_site, examples = (
-            validate(trainer, config, validation) if validation else (float("nan"), {}, {})
-        )
-        if per_site:
-            history[-1][VALIDATION_METRIC] = score
-        _append_jsonl(run_dir / "metrics.jsonl", history[-1])
-        trainer.save_state(state_path)
-        metadata.epoch, metadata.step = trainer.epoch, trainer.step
-        metadata.metrics = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
-        if per_site:
-            metadata.metrics[VALIDATION_METRIC] = score
-            metadata.metrics.update({f"{n}/{VALIDATION_METRIC}": v for n, v in per_site.items()})
-        if plan is not None:
-            metadata.privacy = _privacy_record(trainer, plan, config, dataset)
-        save_checkpoint(checkpoint, trainer.generators(), metadata)
-        if per_site and (best is None or score > best.score):
-            save_checkpoint(best_folder, trainer.generators(), metadata)
-            best = BestEpoch(trainer.epoch, score, per_site, examples)
-            logger.info("epoch %d: best so far, %.2f dB on %s", trainer.epoch, score, best.source)
-        if best is not None:
-            best.last_epoch = trainer.epoch
-            atomic_write_text(
-                run_dir / BEST_NAME, json.dumps(asdict(best), indent=2, sort_keys=True) + "\n"
-            )
 
-    evaluations: list[EvaluationReport] = []
-    if evaluate:
-        translate = slices_translator(trainer, config)
-        for site_dir, site in zip(site_dirs, loaded, strict=True):
-            try:
-                pairs = pairs_by_subject(site, Path(site_dir), config.data)
-            except ValueError as exc:
-                logger.info("no paired evaluation: %s", exc)
-                continue
-            report = evaluate_pairs(site.name, config.data.direction, pairs, translate)
-            report.write(run_dir / f"evaluation-{site.name}.json")
-            evaluations.append(report)
-        if evaluations:
-            metadata.metrics.update(
-                {f"{r.site}/{k}": v for r in evaluations for k, v in r.mean.items()}
-            )
-            save_checkpoint(checkpoint, trainer.generators(), metadata)
-    return LocalRun(
-        run_dir,
-        checkpoint,
-        history,
-        evaluations,
-        best_checkpoint=best_folder if best is not None else None,
-        best_epoch=best.epoch if best is not None else None,
+
+def _train_epochs(job: _LocalJob, progress: bool) -> list[dict[str, float]]:
+    """Train up to ``training.epochs`` (or until the privacy budget), one record per epoch."""
+    history: list[dict[str, float]] = []
+    while job.trainer.epoch < job.config.training.epochs:
+        loader = _epoch_loader(job)
+        if loader is None:
+            break
+        history += job.trainer.fit(loader, 1, progress=progress)
+        _record_epoch(job, history[-1])
+    return history
+
+
+def _epoch_loader(job: _LocalJob) -> Iterable[Any] | None:
+    """The next epoch's batches (Poisson ones under DP-SGD); None once the budget is spent."""
+    config, trainer, plan = job.config, job.trainer, job.plan
+    if plan is None:
+        return make_loader(job.dataset, config, trainer.epoch)
+    assert trainer.accountant is not None
+    try:
+        check_budget(trainer.accountant, plan, config.privacy.budget_epsilon)
+    except BudgetSpentError as exc:
+        logger.warning("stopping after epoch %d: %s", trainer.epoch, exc)
+        return None
+    return private_loader(
+        job.population,
+        plan,
+        seed=config.training.seed * 100_003 + trainer.epoch,
+        epoch=trainer.epoch,
+        num_workers=config.training.num_workers,
     )
+
+
+def _record_epoch(job: _LocalJob, line: dict[str, float]) -> None:
+    """Score the epoch, append its line, save the state and the checkpoints (best included)."""
+    config, trainer, plan, metadata = job.config, job.trainer, job.plan, job.metadata
+    if plan is not None:
+        line.update(epsilon=trainer.epsilon(), delta=config.privacy.delta)
+    score, per_site, examples = (
+        validate(trainer, config, job.validation) if job.validation else (float("nan"), {}, {})
+    )
+    if per_site:
+        line[VALIDATION_METRIC] = score
+    _append_jsonl(job.run_dir / "metrics.jsonl", line)
+    trainer.save_state(job.run_dir / STATE_NAME)
+    metadata.epoch, metadata.step = trainer.epoch, trainer.step
+    metadata.metrics = {k: v for k, v in line.items() if k.startswith("loss_")}
+    if per_site:
+        metadata.metrics[VALIDATION_METRIC] = score
+        metadata.metrics.update({f"{n}/{VALIDATION_METRIC}": v for n, v in per_site.items()})
+    if plan is not None:
+        metadata.privacy = _privacy_record(trainer, plan, config, job.dataset)
+    save_checkpoint(job.checkpoint, trainer.generators(), metadata)
+    if per_site and (job.best is None or score > job.best.score):
+        save_checkpoint(job.best_folder, trainer.generators(), metadata)
+        job.best = BestEpoch(trainer.epoch, score, per_site, examples)
+        logger.info("epoch %d: best so far, %.2f dB on %s", trainer.epoch, score, job.best.source)
+    if job.best is not None:
+        job.best.last_epoch = trainer.epoch
+        atomic_write_text(
+            job.run_dir / BEST_NAME, json.dumps(asdict(job.best), indent=2, sort_keys=True) + "\n"
+        )
+
+
+def _evaluate_sites(
+    job: _LocalJob, site_dirs: Sequence[Path], loaded: Sequence[SiteData]
+) -> list[EvaluationReport]:
+    """Paired evaluation of the final generators on each whole site, kept in the checkpoint."""
+    evaluations: list[EvaluationReport] = []
+    config = job.config
+    translate = slices_translator(job.trainer, config)
+    for site_dir, site in zip(site_dirs, loaded, strict=True):
+        try:
+            pairs = pairs_by_subject(site, Path(site_dir), config.data)
+        except ValueError as exc:
+            logger.info("no paired evaluation: %s", exc)
+            continue
+        report = evaluate_pairs(site.name, config.data.direction, pairs, translate)
+        report.write(job.run_dir / f"evaluation-{site.name}.json")
+        evaluations.append(report)
+    if evaluations:
+        job.metadata.metrics.update(
+            {f"{r.site}/{k}": v for r in evaluations for k, v in r.mean.items()}
+        )
+        save_checkpoint(job.checkpoint, job.trainer.generators(), job.metadata)
+    return evaluations
 
 
 def _validation_sets(sites: Sequence[SiteData]) -> dict[str, list[tuple[str, PairedSlices]]]:

@@ -11,9 +11,14 @@ part of the site's weakly paired data (:func:`fedsynth.common.data.validation.ho
 and :func:`evaluate_round` scores the global generators on that part only, so the coordinator can
 choose a round without looking at any test site.
 
-A site keeps one state file per round it trained (the last three), so that a coordinator that
-crashed mid-round and resumed from the previous round finds the state that round started from: a
-resumed run then ends with the same weights as an uninterrupted one.
+:func:`train_round` runs in named phases: load and split the site (:func:`_start_round`), restore
+the site's state and privacy and load the global generators (:func:`_restore`), train the local
+steps (:func:`_train_local_steps`), then keep the state and pack the reply. The site keeps one
+state per round it trained (:mod:`fedsynth.client.state_store`), so that a coordinator that crashed
+mid-round and resumed from the previous round finds the state that round started from: a resumed
+run then ends with the same weights as an uninterrupted one. The hospital's own settings are in
+:mod:`fedsynth.client.site_settings`; ``RoundInstruction`` and its parsing in
+:mod:`fedsynth.common.messages`.
 """
 
 from __future__ import annotations
@@ -23,23 +28,22 @@ import io
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from fedsynth.client.local import slices_translator
+from fedsynth.client.private_training import make_trainer_private
+from fedsynth.client.site_data import split_site
+from fedsynth.client.site_settings import SiteError, SiteSettings
+from fedsynth.client.state_store import StateStore
 from fedsynth.common.config import RunConfig
-from fedsynth.common.data.datasets import TrainingSlices, training_set
-from fedsynth.common.data.errors import BadScansError, EmptySiteError, MissingModalityError
-from fedsynth.common.data.misalign import SEVERITIES as MISALIGNMENT_LEVELS
-from fedsynth.common.data.site import SiteData, load_site
-from fedsynth.common.data.validation import hold_out, validation_pairs
+from fedsynth.common.data.datasets import PatientSlices, TrainingSlices, training_set
+from fedsynth.common.data.validation import validation_pairs
 from fedsynth.common.evaluation import evaluate_pairs
-from fedsynth.common.io import atomic_path
 from fedsynth.common.messages import (
     EVALUATE_METRICS,
     SHARED_NETS,
@@ -49,202 +53,15 @@ from fedsynth.common.messages import (
     update_from,
 )
 from fedsynth.common.privacy.accounting import patient_epsilon
-from fedsynth.common.privacy.plan import BudgetSpentError, check_budget, plan_noise
+from fedsynth.common.privacy.plan import BudgetSpentError, NoisePlan, check_budget
 from fedsynth.common.privacy.sampling import population_unit, private_loader, private_population
 from fedsynth.common.privacy.site_level import clip_update
+from fedsynth.common.training.state import unwrap
 from fedsynth.common.training.trainer import CycleGANTrainer
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0  # a line in the hospital's log while a round trains
-
-KEEP_STATES = 3
-FAULTS = ("nan", "shape")
-
-
-class SiteError(Exception):
-    """A site cannot take part in this round. ``str(error)`` is safe to send to the coordinator:
-    it names no path, file or subject (the site's own log has those)."""
-
-
-@dataclass(frozen=True)
-class SiteSettings:
-    """What the hospital decides for itself (SuperNode ``--node-config``).
-
-    Attributes:
-        data_dir: the site's BIDS (or per-modality) folder.
-        device: ``cuda:0``, ``cpu`` or ``auto``; overrides the coordinator's ``training.device``.
-        state_dir: where the site's own networks, optimisers and RNG states live between rounds
-            (``None``: in the Flower context, simulation only).
-        cache_dir: preprocessed-slice cache (default ``state_dir/cache``).
-        fault: testing only, ``nan`` or ``shape``: corrupt the update to exercise the
-            coordinator's checks.
-        partition_id: simulation only, the index of this site in the run's site list.
-        max_epsilon: the hospital's own privacy cap (``--max-epsilon``): it trains only under
-            DP-SGD at the site (patient or slice level) and never past this epsilon, whatever
-            the coordinator's config says.
-        misalignment: simulation only, this simulated site's misalignment of domain B (run
-            config ``site-misalignment``, one level per site), in place of the coordinator's.
-        threads: simulation only, torch threads for this site (its Ray CPU share).
-        skip_bad: the hospital's own ``--skip-bad``: train without its unusable scans, whatever
-            the coordinator's ``data.skip_bad``.
-    """
-
-    data_dir: Path
-    device: str | None = None
-    state_dir: Path | None = None
-    cache_dir: Path | None = None
-    fault: str | None = None
-    partition_id: int | None = None
-    max_epsilon: float | None = None
-    misalignment: str | None = None
-    threads: int | None = None
-    skip_bad: bool = False
-
-    @classmethod
-    def from_configs(
-        cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
-    ) -> SiteSettings:
-        """Read the node config (deployment) or pick this partition's site (simulation)."""
-
-        def text(key: str, source: Mapping[str, Any] = node_config) -> str | None:
-            value = source.get(key)
-            return str(value) if value not in (None, "") else None
-
-        partition = node_config.get("partition-id")
-        if text("data-dir") is not None:
-            data_dir = Path(str(text("data-dir")))
-        elif partition is not None and text("site-dirs", run_config):
-            sites = [s for s in str(run_config["site-dirs"]).split(",") if s]
-            if not 0 <= int(partition) < len(sites):
-                raise SiteError(f"partition {partition} has no site ({len(sites)} listed)")
-            data_dir = Path(sites[int(partition)])
-        else:
-            raise SiteError("this node has no data-dir in its node config")
-        state = text("state-dir")
-        if state is None and partition is not None and text("state-root", run_config):
-            state = str(Path(str(run_config["state-root"])) / f"site-{int(partition)}")
-        fault = text("fault")
-        if fault is not None and fault not in FAULTS:
-            raise SiteError(f"node config fault={fault!r}: expected one of {', '.join(FAULTS)}")
-        cache = text("cache-dir") or text("cache-dir", run_config)
-        misalignment = threads = None
-        if partition is not None and text("site-misalignment", run_config):
-            levels = str(run_config["site-misalignment"]).split(",")
-            misalignment = levels[int(partition)] if int(partition) < len(levels) else None
-            if misalignment not in (None, *MISALIGNMENT_LEVELS):
-                raise SiteError(f"site-misalignment {misalignment!r}: not a misalignment level")
-        if partition is not None and int(run_config.get("cpus-per-site") or 0) > 0:
-            threads = int(run_config["cpus-per-site"])
-        cap = text("max-epsilon")
-        try:
-            max_epsilon = float(cap) if cap is not None else None
-        except ValueError:
-            raise SiteError(f"node config max-epsilon={cap!r}: expected a number") from None
-        return cls(
-            data_dir=data_dir,
-            device=text("device"),
-            state_dir=Path(state) if state else None,
-            cache_dir=Path(cache) if cache else (Path(state) / "cache" if state else None),
-            fault=fault,
-            partition_id=int(partition) if partition is not None else None,
-            max_epsilon=max_epsilon,
-            misalignment=misalignment,
-            threads=threads,
-            skip_bad=str(node_config.get("skip-bad", "")).lower() in ("1", "true", "yes"),
-        )
-
-
-class StateStore(Protocol):
-    """Where a site keeps its trainer state between rounds (bytes written by ``torch.save``)."""
-
-    def load(self, run_key: str, before_round: int) -> bytes | None: ...
-
-    def save(self, run_key: str, round_number: int, blob: bytes) -> None: ...
-
-
-class DiskStore:
-    """``<state_dir>/<run_key>/state-round-NNNN.pt``, written atomically, the last few kept."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def _files(self, run_key: str) -> dict[int, Path]:
-        folder = self.root / run_key
-        found = {}
-        for path in folder.glob("state-round-*.pt"):
-            suffix = path.stem.rsplit("-", 1)[-1]
-            if suffix.isdigit():
-                found[int(suffix)] = path
-        return found
-
-    def load(self, run_key: str, before_round: int) -> bytes | None:
-        earlier = {r: p for r, p in self._files(run_key).items() if r < before_round}
-        return earlier[max(earlier)].read_bytes() if earlier else None
-
-    def save(self, run_key: str, round_number: int, blob: bytes) -> None:
-        folder = self.root / run_key
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / f"state-round-{round_number:04d}.pt") as tmp:
-            Path(tmp).write_bytes(blob)
-        for number, path in sorted(self._files(run_key).items())[:-KEEP_STATES]:
-            path.unlink(missing_ok=True)
-            logger.debug("dropped old state of round %d", number)
-
-
-class MemoryStore:
-    """A dict of bytes (the Flower ``context.state`` of a simulated node wraps one)."""
-
-    def __init__(self, blobs: dict[str, bytes] | None = None):
-        self.blobs: dict[str, bytes] = {} if blobs is None else blobs
-
-    def load(self, run_key: str, before_round: int) -> bytes | None:
-        rounds = [
-            int(k.rsplit("-", 1)[-1])
-            for k in self.blobs
-            if k.startswith(f"{run_key}/round-") and int(k.rsplit("-", 1)[-1]) < before_round
-        ]
-        return self.blobs[f"{run_key}/round-{max(rounds)}"] if rounds else None
-
-    def save(self, run_key: str, round_number: int, blob: bytes) -> None:
-        self.blobs[f"{run_key}/round-{round_number}"] = blob
-        mine = sorted(
-            (int(k.rsplit("-", 1)[-1]), k) for k in self.blobs if k.startswith(f"{run_key}/")
-        )
-        for _, key in mine[:-KEEP_STATES]:
-            del self.blobs[key]
-
-
-def _load_site(settings: SiteSettings, config: RunConfig) -> SiteData:
-    data = config.data
-    if settings.skip_bad and not data.skip_bad:
-        data = data.model_copy(update={"skip_bad": True})
-    try:
-        return load_site(
-            settings.data_dir, data, cache_dir=settings.cache_dir, seed=config.training.seed
-        )
-    except EmptySiteError as exc:
-        logger.error("site data: %s", exc)
-        raise SiteError("no scans found in the site's data folder") from None
-    except MissingModalityError as exc:
-        logger.error("site data: %s", exc)
-        raise SiteError(
-            f"no usable scans for {config.data.direction}: a modality is missing or all of its "
-            "scans are unusable (the site's log names them)"
-        ) from None
-    except BadScansError as exc:
-        logger.error("site data: %s", exc)
-        raise SiteError(
-            f"{exc.summary} (the site's log names them; the hospital can fix them or start its "
-            "daemon with --skip-bad)"
-        ) from None
-
-
-def _split_site(settings: SiteSettings, config: RunConfig) -> SiteData:
-    """The site with its validation part held out (the same split every round and message)."""
-    return hold_out(
-        _load_site(settings, config), config.data.validation_fraction, config.training.seed
-    )
 
 
 def _trainer(settings: SiteSettings, config: RunConfig) -> CycleGANTrainer:
@@ -268,9 +85,8 @@ def _load_global(
             f"the coordinator sent networks {sorted(nets)}, expected {sorted(expected)}"
         )
     for name, state in nets.items():
-        target = trainer.nets[name]
-        target = getattr(target, "_module", target)
-        target.load_state_dict({k: v.to(trainer.device) for k, v in state.items()})
+        moved = {k: v.to(trainer.device) for k, v in state.items()}
+        unwrap(trainer.nets[name]).load_state_dict(moved)
 
 
 def _loader_seed(config: RunConfig, round_number: int, epoch: int) -> int:
@@ -311,15 +127,57 @@ def train_round(
     """Train this site for one round; return the shared networks' update (flat) and metrics."""
     start = time.perf_counter()
     config = instruction.config()
+    _require_site_dp(settings, config)
+    job = _start_round(settings, instruction, config)
+    _restore(job, global_state, store)
+    tally = _train_local_steps(job)
+    buffer = io.BytesIO()
+    torch.save(job.trainer.state_dict(), buffer)
+    store.save(instruction.run_key, instruction.round, buffer.getvalue())
+    shared = _shared_update(job, global_state)
+    seconds = time.perf_counter() - start
+    return shared, _round_metrics(job, tally, seconds)
+
+
+@dataclass
+class _SiteRound:
+    """What the phases of one round share: who asks, what it trains on, the trainer."""
+
+    settings: SiteSettings
+    instruction: RoundInstruction
+    config: RunConfig
+    dataset: TrainingSlices
+    trainer: CycleGANTrainer
+    population: TrainingSlices | PatientSlices | None = None
+    plan: NoisePlan | None = None  # None without DP-SGD at the site
+
+
+@dataclass
+class _Tally:
+    """The local steps' totals: step-weighted loss sums, steps and samples."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    samples: int = 0
+
+
+def _require_site_dp(settings: SiteSettings, config: RunConfig) -> None:
+    """A hospital with its own epsilon cap trains only under DP-SGD at the site."""
     if settings.max_epsilon is not None and not config.privacy.dp_sgd:
         raise BudgetSpentError(
             f"this hospital trains only under DP-SGD at the site (its cap is epsilon "
             f"{settings.max_epsilon:g}); the coordinator's configuration has "
             + ("privacy off" if not config.privacy.enabled else "privacy.level = 'site'")
         )
+
+
+def _start_round(
+    settings: SiteSettings, instruction: RoundInstruction, config: RunConfig
+) -> _SiteRound:
+    """Load and split the site, build its training set and a fresh trainer."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    site = _split_site(settings, config)  # train on the training part only
+    site = split_site(settings, config)  # train on the training part only
     dataset = training_set(
         [site],
         misalignment=settings.misalignment or config.data.misalignment,
@@ -339,110 +197,137 @@ def train_round(
         instruction.lr,
         trainer.device,
     )
+    return _SiteRound(settings, instruction, config, dataset, trainer)
+
+
+def _restore(job: _SiteRound, global_state: Mapping[str, torch.Tensor], store: StateStore) -> None:
+    """Restore the site's own state and its privacy, then load the round's global generators."""
+    config, instruction, trainer = job.config, job.instruction, job.trainer
     blob = store.load(instruction.run_key, instruction.round)
     state = (
         None
         if blob is None
         else torch.load(io.BytesIO(blob), map_location=trainer.device, weights_only=True)
     )
-    plan = None
-    population = private_population(dataset, config.privacy)
+    job.population = private_population(job.dataset, config.privacy)
     if config.privacy.dp_sgd:
-        # The noise is fixed before round 1 and kept: recalibrating later would change the plan
-        # the budget was set for.
-        unit = population_unit(config.privacy)
-        if len(population) == 0:
+        if len(job.population) == 0:
             raise SiteError(
                 "patient-level differential privacy trains on patients with both modalities "
                 "and this site has none in its training part"
             )
-        plan = CycleGANTrainer.saved_plan(state) or plan_noise(
-            config.privacy,
-            examples=len(population),
-            batch_size=config.privacy.batch_size or config.training.batch_size,
-            networks=len(trainer.trained_names),
+        job.plan = make_trainer_private(
+            trainer,
+            config,
+            job.population,
+            state,
             steps_per_round=instruction.local_steps or None,
             epochs_per_round=instruction.local_epochs,
             rounds=config.federation.rounds,
-            unit=unit,
+            check=functools.partial(_check_plan, config, len(job.population)),
         )
-        if plan.unit != unit:
-            raise SiteError(
-                f"this site's saved privacy state samples {plan.unit}s and the run now asks "
-                f"for privacy.level = {config.privacy.level!r}: the unit cannot change in a run"
-            )
-        if plan.examples != len(population):
-            logger.warning(
-                "the site now has %d training %ss, its noise plan was made for %d: the "
-                "sample rate stays %.5f (the guarantee holds; batches are larger or smaller)",
-                len(population),
-                unit,
-                plan.examples,
-                plan.sample_rate,
-            )
-        trainer.make_private(plan)
     if state is not None:
         trainer.load_state_dict(state)
-    if plan is not None:
+    if job.plan is not None:
         assert trainer.accountant is not None
-        caps = [c for c in (config.privacy.budget_epsilon, settings.max_epsilon) if c is not None]
-        check_budget(trainer.accountant, plan, min(caps) if caps else None)
+        caps = [
+            c for c in (config.privacy.budget_epsilon, job.settings.max_epsilon) if c is not None
+        ]
+        check_budget(trainer.accountant, job.plan, min(caps) if caps else None)
     _load_global(trainer, global_state, instruction.share)
     trainer.set_lr(instruction.lr)
     trainer.set_proximal(instruction.proximal_mu)
 
-    sums: dict[str, float] = {}
-    steps = samples = 0
+
+def _check_plan(config: RunConfig, population: int, plan: NoisePlan) -> None:
+    """A saved plan must sample the unit the run asks for; a changed population is only noted."""
+    unit = population_unit(config.privacy)
+    if plan.unit != unit:
+        raise SiteError(
+            f"this site's saved privacy state samples {plan.unit}s and the run now asks "
+            f"for privacy.level = {config.privacy.level!r}: the unit cannot change in a run"
+        )
+    if plan.examples != population:
+        logger.warning(
+            "the site now has %d training %ss, its noise plan was made for %d: the "
+            "sample rate stays %.5f (the guarantee holds; batches are larger or smaller)",
+            population,
+            unit,
+            plan.examples,
+            plan.sample_rate,
+        )
+
+
+def _train_local_steps(job: _SiteRound) -> _Tally:
+    """Train ``local_steps`` steps, or else ``local_epochs`` epochs, and total the losses."""
+    instruction, trainer = job.instruction, job.trainer
+    tally = _Tally()
     epoch = 0
     budget = instruction.local_steps or None
     while True:
         if budget is None and epoch >= instruction.local_epochs:
             break
-        if budget is not None and steps >= budget:
+        if budget is not None and tally.steps >= budget:
             break
         trainer.epoch = (instruction.round - 1) * max(instruction.local_epochs, 1) + epoch
-        loader = (
-            _loader(dataset, config, instruction.round, epoch)
-            if plan is None
-            else private_loader(
-                population,
-                plan,
-                seed=_loader_seed(config, instruction.round, epoch),
-                epoch=trainer.epoch,
-                num_workers=config.training.num_workers,
-            )
-        )
         summary = trainer.train_epoch(
-            loader,
-            max_steps=None if budget is None else budget - steps,
-            report=functools.partial(_report_progress, instruction.round, epoch, budget, steps),
+            _epoch_loader(job, epoch),
+            max_steps=None if budget is None else budget - tally.steps,
+            report=functools.partial(
+                _report_progress, instruction.round, epoch, budget, tally.steps
+            ),
             report_every_s=PROGRESS_EVERY_S,
         )
         done = int(summary["steps"])
         for key, value in summary.items():
             if key.startswith("loss_"):
-                sums[key] = sums.get(key, 0.0) + value * done
-        steps += done
-        samples += int(summary["samples"])
+                tally.sums[key] = tally.sums.get(key, 0.0) + value * done
+        tally.steps += done
+        tally.samples += int(summary["samples"])
         epoch += 1
         if done == 0:
             raise SiteError("the site's data yields no training batch")
     trainer.epoch = instruction.round * max(instruction.local_epochs, 1)
+    return tally
 
-    buffer = io.BytesIO()
-    torch.save(trainer.state_dict(), buffer)
-    store.save(instruction.run_key, instruction.round, buffer.getvalue())
 
-    trained = flatten(trainer.nets, SHARED_NETS[instruction.share])
+def _epoch_loader(job: _SiteRound, epoch: int) -> Iterable[Any]:
+    """The round's loader for one local epoch: shuffled batches, or Poisson ones under DP-SGD."""
+    config, instruction = job.config, job.instruction
+    if job.plan is None:
+        return _loader(job.dataset, config, instruction.round, epoch)
+    assert job.population is not None
+    return private_loader(
+        job.population,
+        job.plan,
+        seed=_loader_seed(config, instruction.round, epoch),
+        epoch=job.trainer.epoch,
+        num_workers=config.training.num_workers,
+    )
+
+
+def _shared_update(
+    job: _SiteRound, global_state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Trained minus received for the shared networks (clipped under site-level DP)."""
+    trained = flatten(job.trainer.nets, SHARED_NETS[job.instruction.share])
     shared = update_from(trained, global_state)
-    if config.privacy.site_level:
-        shared = clip_update(shared, config.privacy.site_clip_norm)
-    if settings.fault is not None:
-        shared = _corrupt(shared, settings.fault)
-    seconds = time.perf_counter() - start
+    if job.config.privacy.site_level:
+        shared = clip_update(shared, job.config.privacy.site_clip_norm)
+    if job.settings.fault is not None:
+        shared = _corrupt(shared, job.settings.fault)
+    return shared
+
+
+def _round_metrics(job: _SiteRound, tally: _Tally, seconds: float) -> dict[str, float]:
+    """The reply's scalars (no training loss under DP); the site's own log gets the losses."""
+    config, instruction = job.config, job.instruction
+    steps, samples = tally.steps, tally.samples
     # Under DP the training losses stay home: they are computed from the examples without noise,
     # so the guarantee would not cover them. Counts, timings and epsilon remain.
-    metrics = {} if config.privacy.enabled else {key: value / steps for key, value in sums.items()}
+    metrics = (
+        {} if config.privacy.enabled else {key: value / steps for key, value in tally.sums.items()}
+    )
     metrics.update(
         {
             "num-examples": float(samples),
@@ -452,50 +337,56 @@ def train_round(
             "lr": instruction.lr,
         }
     )
-    if plan is not None:
-        assert trainer.accountant is not None
-        metrics["epsilon"] = trainer.epsilon()
+    if job.plan is not None:
+        metrics["epsilon"] = job.trainer.epsilon()
         metrics["delta"] = config.privacy.delta
-        if plan.unit == "patient":
-            logger.info(
-                "round %d: patient-level epsilon %.3f at delta %g after %d DP steps over %d "
-                "patients (sigma %.3f per network x %d networks, q %.5f)",
-                instruction.round,
-                metrics["epsilon"],
-                config.privacy.delta,
-                trainer.accountant.steps,
-                plan.examples,
-                plan.noise_multiplier,
-                plan.networks,
-                plan.sample_rate,
-            )
-        else:
-            group = dataset.max_examples_per_subject()
-            logger.info(
-                "round %d: slice-level epsilon %.3f at delta %g after %d DP steps (sigma %.3f, "
-                "q %.5f); a whole patient (up to %d examples): epsilon %.1f (group privacy, "
-                "stays at this site)",
-                instruction.round,
-                metrics["epsilon"],
-                config.privacy.delta,
-                trainer.accountant.steps,
-                plan.noise_multiplier,
-                plan.sample_rate,
-                group,
-                patient_epsilon(plan, trainer.accountant.steps, group, config.privacy.delta),
-            )
-    if settings.partition_id is not None:
-        metrics["partition-id"] = float(settings.partition_id)
+        _log_privacy(job, metrics["epsilon"])
+    if job.settings.partition_id is not None:
+        metrics["partition-id"] = float(job.settings.partition_id)
     logger.info(
         "round %d: %d steps, %d samples in %.1f s (G %.4f, cycle %.4f)",
         instruction.round,
         steps,
         samples,
         seconds,
-        sums.get("loss_g", math.nan) / max(steps, 1),  # the site's own log keeps the losses
-        sums.get("loss_cycle", math.nan) / max(steps, 1),
+        tally.sums.get("loss_g", math.nan) / max(steps, 1),  # the site's own log keeps the losses
+        tally.sums.get("loss_cycle", math.nan) / max(steps, 1),
     )
-    return shared, metrics
+    return metrics
+
+
+def _log_privacy(job: _SiteRound, epsilon: float) -> None:
+    """The round's epsilon line: a patient's, or a slice's with the whole patient's bound."""
+    plan, accountant, delta = job.plan, job.trainer.accountant, job.config.privacy.delta
+    assert plan is not None and accountant is not None
+    if plan.unit == "patient":
+        logger.info(
+            "round %d: patient-level epsilon %.3f at delta %g after %d DP steps over %d "
+            "patients (sigma %.3f per network x %d networks, q %.5f)",
+            job.instruction.round,
+            epsilon,
+            delta,
+            accountant.steps,
+            plan.examples,
+            plan.noise_multiplier,
+            plan.networks,
+            plan.sample_rate,
+        )
+    else:
+        group = job.dataset.max_examples_per_subject()
+        logger.info(
+            "round %d: slice-level epsilon %.3f at delta %g after %d DP steps (sigma %.3f, "
+            "q %.5f); a whole patient (up to %d examples): epsilon %.1f (group privacy, "
+            "stays at this site)",
+            job.instruction.round,
+            epsilon,
+            delta,
+            accountant.steps,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            group,
+            patient_epsilon(plan, accountant.steps, group, delta),
+        )
 
 
 def _report_progress(
@@ -534,7 +425,7 @@ def evaluate_round(
     """
     start = time.perf_counter()
     config = instruction.config()
-    site = _split_site(settings, config)
+    site = split_site(settings, config)
     if not site.paired and not site.validation:
         logger.info("no paired subjects at this site: nothing to evaluate")
         raise SiteError("no subject with both modalities: nothing to evaluate")

@@ -54,8 +54,10 @@ from fedsynth.common.losses import (
 from fedsynth.common.models import flow_to_pixels, warp
 
 __all__ = [
+    "Batch",
     "Examples",
     "Objective",
+    "batch_size",
     "generator_objective",
     "merge_metrics",
     "one_way_objective",
@@ -64,6 +66,12 @@ __all__ = [
 ]
 
 Nets = Mapping[str, nn.Module]
+Batch = Mapping[str, torch.Tensor]  # a loader's batch (see Examples.from_batch)
+
+
+def batch_size(batch: Batch | object) -> int:
+    """The examples in a loader's batch (0 for an empty Poisson batch, which may hold nothing)."""
+    return int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ class Examples:
     paired: torch.Tensor | None = None
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, torch.Tensor], device: torch.device) -> Examples:
+    def from_batch(cls, batch: Batch, device: torch.device) -> Examples:
         """A loader's batch: ``"a"``, ``"b"``, optional ``"a_mask"``, ``"b_mask"``, ``"paired"``."""
 
         def moved(key: str) -> torch.Tensor | None:
@@ -252,15 +260,11 @@ def one_way_objective(
         loss_paired = paired_l1_loss(fake_b, real_b, weight_b)
         loss = loss_gan + config.lambda_paired * loss_paired
     else:
-        warped, flow = nets["r"](fake_b, real_b)
         used.add("r")
-        loss_paired = registration_correction_loss(warped, real_b, weight_b)
-        loss_smooth = smoothness_loss(flow_to_pixels(flow))
+        _, loss_paired, loss_smooth = _correction(nets, fake_b, real_b, weight_b, metrics)
         loss = (
             loss_gan + config.lambda_registration * loss_paired + config.lambda_smooth * loss_smooth
         )
-        metrics["loss_registration"] = _value(loss_paired)
-        metrics["loss_smooth"] = _value(loss_smooth)
     metrics["paired_l1"] = _value(loss_paired)
     metrics["paired_fraction"] = 1.0
     return Objective(loss, None, fake_b, metrics, frozenset(used), len(examples))
@@ -290,11 +294,8 @@ def paired_objective(
         )
         loss = loss_gan + config.lambda_paired * loss_paired
     else:
-        warped, flow = nets["r"](fake_b, real_b)
         used.add("r")
-        loss_reg = registration_correction_loss(warped, real_b, weight_b)
-        # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
-        loss_smooth = smoothness_loss(flow_to_pixels(flow))
+        flow, loss_reg, loss_smooth = _correction(nets, fake_b, real_b, weight_b, metrics)
         # R's field maps b's grid onto a's (G_AB keeps a's geometry): a, seen from b's grid.
         with torch.no_grad():
             fixed = flow.detach().to(real_a.dtype)
@@ -307,11 +308,29 @@ def paired_objective(
             + config.lambda_registration * (loss_reg + loss_ba)
             + config.lambda_smooth * loss_smooth
         )
-        metrics["loss_registration"] = _value(loss_reg)
-        metrics["loss_smooth"] = _value(loss_smooth)
     metrics["paired_l1"] = _value(loss_paired)
     metrics["paired_fraction"] = 1.0
     return Objective(loss, fake_a, fake_b, metrics, frozenset(used), len(examples))
+
+
+def _correction(
+    nets: Nets,
+    fake_b: torch.Tensor,
+    real_b: torch.Tensor,
+    weight_b: torch.Tensor | None,
+    metrics: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RegGAN's correction of ``G_AB(a)`` towards ``b``: R's flow, the corrected L1, smoothness.
+
+    Records ``loss_registration`` and ``loss_smooth`` in ``metrics``.
+    """
+    warped, flow = nets["r"](fake_b, real_b)
+    loss_reg = registration_correction_loss(warped, real_b, weight_b)
+    # R predicts normalised offsets; RegGAN's smoothness weight is for pixel units.
+    loss_smooth = smoothness_loss(flow_to_pixels(flow))
+    metrics["loss_registration"] = _value(loss_reg)
+    metrics["loss_smooth"] = _value(loss_smooth)
+    return flow, loss_reg, loss_smooth
 
 
 def generator_objective(

@@ -8,23 +8,11 @@ wrapping (every network that sees a real image gets its own private optimiser). 
 objective depends on the kind of each example (weakly paired: pix2pix or RegGAN NC+R; unpaired:
 CycleGAN) and lives in :mod:`fedsynth.common.training.objectives`; R only ever sees paired examples.
 
-Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`fedsynth.common.privacy`) every network is
-an Opacus ``GradSampleModule`` with a ``DPOptimizer``, and:
-
-* discriminators are "frozen" during the generator update by a context that disables their hooks
-  (so the generator's backward does not accumulate per-sample gradients in D); without DP it turns
-  off ``requires_grad`` instead (saving work);
-* gradients are cleared with ``set_to_none=True`` right before each network's own backward;
-* every loss is a mean over examples of each example's own loss (Opacus' ``loss_reduction=
-  "mean"``);
-* the image pool is off (it would mix one example's fake into another step's gradient);
-* a Poisson batch is processed in chunks of one kind of example each (paired, unpaired; at most
-  ``privacy.max_physical_batch_size`` examples) whose clipped per-sample gradients are summed
-  before one noisy step (Opacus' ``signal_skip_step`` mechanism, as in its
-  ``BatchMemoryManager``, applied to all optimisers of the step at once); a network with no
-  forward pass in a chunk (R in an unpaired one) adds an empty per-sample gradient, so it still
-  takes its noise step when the whole batch held no example for it;
-* the FedProx term, which reads no data, is added to the privatised gradient after the noise.
+Under DP-SGD (:meth:`CycleGANTrainer.make_private`, :mod:`fedsynth.common.privacy`) every network
+that trains is an Opacus ``GradSampleModule`` with a ``DPOptimizer``; how a private step differs
+is in :mod:`fedsynth.common.training.private_step`. The image pool is in
+:mod:`~fedsynth.common.training.pool`, saving and restoring the whole local state (RNGs
+included) in :mod:`~fedsynth.common.training.state`.
 """
 
 from __future__ import annotations
@@ -33,96 +21,43 @@ import contextlib
 import json
 import logging
 import math
-import random
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
 
 from fedsynth.common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from fedsynth.common.device import resolve_device
-from fedsynth.common.io import atomic_save
 from fedsynth.common.losses import discriminator_loss
 from fedsynth.common.models import define_cyclegan, freeze_encoder
+from fedsynth.common.training.epoch import Report, run_epoch
 from fedsynth.common.training.objectives import (
+    Batch,
     Examples,
     Objective,
     generator_objective,
-    merge_metrics,
 )
+from fedsynth.common.training.pool import ImagePool
+from fedsynth.common.training.private_step import private_update, privatise
 from fedsynth.common.training.schedule import linear_decay
+from fedsynth.common.training.state import (
+    load_trainer_file,
+    load_trainer_state,
+    save_trainer_state,
+    saved_plan,
+    trainer_state,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from fedsynth.common.privacy.accounting import SiteAccountant
     from fedsynth.common.privacy.plan import NoisePlan
 
 logger = logging.getLogger(__name__)
-
-Batch = Mapping[str, torch.Tensor]
-
-
-class ImagePool:
-    """History of generated images (Shrivastava et al. 2017), as used by CycleGAN.
-
-    With probability 1/2 a query returns a stored older fake (and stores the new one in its place),
-    otherwise the new fake; the discriminator thus sees a history, which damps oscillation.
-    ``size == 0`` turns the pool off. The pool mixes images across steps, so it is forced off under
-    differential privacy.
-    """
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size = size
-        self.images: list[torch.Tensor] = []
-        self.rng = random.Random(seed)
-
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        if self.size == 0:
-            return images
-        out = []
-        for image in images.detach():
-            image = image.unsqueeze(0)
-            if len(self.images) < self.size:
-                self.images.append(image.clone())
-                out.append(image)
-            elif self.rng.random() < 0.5:
-                index = self.rng.randrange(self.size)
-                out.append(self.images[index].clone())
-                self.images[index] = image.clone()
-            else:
-                out.append(image)
-        return torch.cat(out, dim=0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "images": [t.cpu() for t in self.images],
-            "rng": self.rng.getstate(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self.size = int(state["size"])
-        self.images = [t.to(device) for t in state["images"]]
-        self.rng.setstate(_as_random_state(state["rng"]))
-
-
-def _as_random_state(value: Any) -> tuple[Any, ...]:
-    """``random.Random.getstate()`` survives torch.save as nested tuples/lists; restore tuples."""
-    version, internal, gauss = value
-    return (int(version), tuple(int(v) for v in internal), gauss)
 
 
 class CycleGANTrainer:
@@ -220,7 +155,7 @@ class CycleGANTrainer:
     def generators(self) -> dict[str, nn.Module]:
         """The networks a federation shares (G_AB and G_BA)."""
         # Unwrapped: a DP run's checkpoint must load into a plain generator.
-        return {"g_ab": _target(self.nets["g_ab"]), "g_ba": _target(self.nets["g_ba"])}
+        return {"g_ab": unwrap(self.nets["g_ab"]), "g_ba": unwrap(self.nets["g_ba"])}
 
     @property
     def lr(self) -> float:
@@ -260,30 +195,7 @@ class CycleGANTrainer:
         made from one), so every one of them becomes private; a frozen one (G_BA and D_A in
         one-way training) reads nothing and stays as it is.
         """
-        from fedsynth.common.privacy.accounting import SiteAccountant
-        from fedsynth.common.privacy.dp_sgd import make_private
-
-        if self.privacy is None:
-            raise ValueError(
-                "make_private needs privacy.enabled with privacy.level = 'patient' or 'example'"
-            )
-        trained = self.trained_names
-        if plan.networks != len(trained):
-            raise ValueError(
-                f"the noise plan was made for {plan.networks} private networks, this trainer "
-                f"trains {len(trained)} ({', '.join(trained)})"
-            )
-        nets, optimizers = make_private(
-            {name: self.nets[name] for name in trained},
-            {name: self.optimizers[name] for name in trained},
-            self.privacy,
-            plan,
-            self.privacy.batch_size or self.config.batch_size,
-        )
-        self.nets.update(nets)
-        self.optimizers.update(optimizers)
-        self.plan = plan
-        self.accountant = SiteAccountant(self.privacy.accountant, self.privacy.delta)
+        privatise(self, plan)
 
     def epsilon(self) -> float:
         """Cumulative epsilon of this site at ``privacy.delta`` (0 without DP)."""
@@ -360,61 +272,9 @@ class CycleGANTrainer:
             metrics, fake_a, fake_b = self._generator_update(examples)
             metrics.update(self._discriminator_update(examples.a, examples.b, fake_a, fake_b))
         else:
-            metrics = self._private_update(batch)
+            metrics = private_update(self, batch)
         self.step += 1
         return metrics
-
-    def _private_update(self, batch: Batch | Any) -> dict[str, float]:
-        from fedsynth.common.privacy.dp_sgd import mark_empty_batch
-
-        assert self.privacy is not None and self.plan is not None and self.accountant is not None
-        size = int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
-        if size == 0:
-            # An empty Poisson batch: every private network still takes a pure-noise step.
-            for name in self.trained_names:
-                optimizer = self.optimizers[name]
-                optimizer.zero_grad(set_to_none=True)
-                mark_empty_batch(optimizer)
-                self._clip_and_step([name], {})
-                optimizer.zero_grad(set_to_none=True)
-            self.accountant.step(self.plan)
-            return {"batch_size": 0.0}
-        limit = self.privacy.max_physical_batch_size or size
-        # Generators (and R): one kind of example per chunk, since a hooked module must see one
-        # batch size per backward. Neither G nor D moves before its last chunk, so every fake
-        # comes from the step's starting G and every score from its starting D, as without DP.
-        chunks = Examples.from_batch(batch, self.device).chunks(limit)
-        parts, fakes = [], []
-        for index, chunk in enumerate(chunks):
-            self._skip_unless(index == len(chunks) - 1, self.generator_names)
-            metrics, fake_a, fake_b = self._generator_update(chunk)
-            parts.append((len(chunk), metrics))
-            fakes.append((chunk.a, chunk.b, fake_a, fake_b))
-        # Discriminators read any kind alike: chunks of ``limit`` examples over the whole batch.
-        real_a = torch.cat([chunk_a for chunk_a, _, _, _ in fakes])
-        real_b = torch.cat([chunk_b for _, chunk_b, _, _ in fakes])
-        fake_b = torch.cat([fb for _, _, _, fb in fakes])
-        one_way = any(fa is None for _, _, fa, _ in fakes)
-        fake_a = None if one_way else torch.cat([fa for _, _, fa, _ in fakes if fa is not None])
-        for begin in range(0, size, limit):
-            end = begin + limit
-            self._skip_unless(end >= size, self.discriminator_names)
-            metrics = self._discriminator_update(
-                real_a[begin:end],
-                real_b[begin:end],
-                None if fake_a is None else fake_a[begin:end],
-                fake_b[begin:end],
-            )
-            parts.append((min(end, size) - begin, metrics))
-        self.accountant.step(self.plan)
-        totals = merge_metrics(parts)
-        totals["batch_size"] = float(size)
-        return totals
-
-    def _skip_unless(self, last: bool, names: Iterable[str]) -> None:
-        """Under DP: the named optimisers only clip and accumulate, unless ``last`` (then step)."""
-        for name in names:
-            self.optimizers[name].signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
 
     def generator_loss(self, batch: Batch | Examples) -> Objective:
         """The generators' (and R's) objective on a batch, chosen per example kind.
@@ -505,7 +365,7 @@ class CycleGANTrainer:
         max_steps: int | None = None,
         progress: bool = False,
         description: str = "training",
-        report: Callable[[int, int | None, float, dict[str, float]], None] | None = None,
+        report: Report | None = None,
         report_every_s: float = 30.0,
     ) -> dict[str, float]:
         """Run over ``loader`` once (or ``max_steps`` batches); return mean losses and speed.
@@ -514,61 +374,15 @@ class CycleGANTrainer:
         seconds, for logs where a progress bar cannot go (a hospital daemon's).
         Does not advance the learning-rate schedule: call :meth:`end_epoch` for that.
         """
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.epoch)
-        try:
-            total = len(loader)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-        if max_steps is not None:
-            total = max_steps if total is None else min(total, max_steps)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}  # an empty DP batch reports no loss
-        steps = samples = 0
-        start = last_report = time.perf_counter()
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+        return run_epoch(
+            self,
+            loader,
+            max_steps=max_steps,
+            progress=progress,
+            description=description,
+            report=report,
+            report_every_s=report_every_s,
         )
-        with Progress(*columns, disable=not progress, transient=True) as bar:
-            task = bar.add_task(description, total=total, info="")
-            for batch in loader:
-                if max_steps is not None and steps >= max_steps:
-                    break
-                metrics = self.train_step(batch)
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                    counts[key] = counts.get(key, 0) + 1
-                steps += 1
-                samples += (
-                    int(batch["a"].shape[0]) if isinstance(batch, Mapping) and "a" in batch else 0
-                )
-                rate = samples / max(time.perf_counter() - start, 1e-9)
-                if report is not None and time.perf_counter() - last_report >= report_every_s:
-                    report(steps, total, rate, metrics)
-                    last_report = time.perf_counter()
-                bar.update(
-                    task,
-                    advance=1,
-                    info=f"G {metrics.get('loss_g', math.nan):.3f}  "
-                    f"D {metrics.get('loss_d_a', math.nan):.3f}/"
-                    f"{metrics.get('loss_d_b', math.nan):.3f}  {rate:.1f} samples/s",
-                )
-        seconds = time.perf_counter() - start
-        summary = {key: value / counts[key] for key, value in sums.items()}
-        summary.update(
-            steps=float(steps),
-            samples=float(samples),
-            seconds=seconds,
-            samples_per_s=samples / seconds if seconds > 0 else math.nan,
-            lr=self.lr,
-        )
-        return summary
 
     def end_epoch(self) -> None:
         """Advance every learning-rate schedule by one epoch."""
@@ -626,118 +440,28 @@ class CycleGANTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The whole local state: networks, optimisers, schedules, pools, counters and RNGs."""
-        return {
-            "nets": {name: _plain_state(net) for name, net in self.nets.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
-            "pools": {name: pool.state_dict() for name, pool in self.pools.items()},
-            "step": self.step,
-            "epoch": self.epoch,
-            **(
-                {
-                    "privacy": {
-                        "plan": self.plan.to_dict(),
-                        "accountant": self.accountant.state_dict(),
-                    }
-                }
-                if self.plan is not None and self.accountant is not None
-                else {}
-            ),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": _numpy_state(),
-                "python": random.getstate(),
-            },
-        }
+        return trainer_state(self)
 
     @staticmethod
     def saved_plan(state: Mapping[str, Any] | None) -> NoisePlan | None:
         """The noise plan a saved state was trained under, if it was private."""
-        from fedsynth.common.privacy.plan import NoisePlan
-
-        if state is None or "privacy" not in state:
-            return None
-        return NoisePlan.from_dict(state["privacy"]["plan"])
+        return saved_plan(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (networks must have the same architecture).
 
         Under DP call :meth:`make_private` first: the accountant's history is restored too.
         """
-        if set(state["nets"]) != set(self.nets):
-            raise ValueError(
-                f"saved state holds networks {sorted(state['nets'])}, this trainer has "
-                f"{sorted(self.nets)} (registration on in one and off in the other?)"
-            )
-        for name, net in self.nets.items():
-            _target(net).load_state_dict(state["nets"][name])
-            self.optimizers[name].load_state_dict(state["optimizers"][name])
-            self.schedulers[name].load_state_dict(state["schedulers"][name])
-        for name, pool in self.pools.items():
-            pool.load_state_dict(state["pools"][name], self.device)
-            if self.privacy is not None:  # the pool stays off under DP, whatever was saved
-                pool.size, pool.images = 0, []
-        saved_privacy = state.get("privacy")
-        if self.accountant is not None:
-            if saved_privacy is None:
-                if int(state["step"]) > 0:
-                    raise ValueError(
-                        "the saved state was trained without differential privacy; a private "
-                        "run cannot continue it (its earlier steps have no privacy guarantee)"
-                    )
-            else:
-                self.accountant.load_state_dict(saved_privacy["accountant"])
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        _set_numpy_state(rng["numpy"])
-        random.setstate(_as_random_state(rng["python"]))
+        load_trainer_state(self, state)
 
     def save_state(self, path: Path) -> None:
         """Write :meth:`state_dict` atomically (readable with ``weights_only=True``)."""
-        atomic_save(path, lambda tmp: torch.save(self.state_dict(), tmp))
+        save_trainer_state(self, path)
 
     def load_state(self, path: Path) -> None:
         """Read a file written by :meth:`save_state`; never unpickles arbitrary objects."""
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.load_state_dict(state)
+        load_trainer_file(self, path)
 
 
 def _value(loss: torch.Tensor) -> float:
     return float(loss.detach().item())
-
-
-def _numpy_state() -> dict[str, Any]:
-    """NumPy's global RNG state as plain Python values (safe for ``weights_only`` loading)."""
-    # The global legacy RNG is what third-party code (MONAI transforms) draws from: save it too.
-    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
-    return {
-        "name": name,
-        "key": [int(k) for k in key],
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached": float(cached),
-    }
-
-
-def _set_numpy_state(state: Mapping[str, Any]) -> None:
-    np.random.set_state(  # noqa: NPY002
-        (
-            str(state["name"]),
-            np.asarray(state["key"], dtype=np.uint32),
-            int(state["pos"]),
-            int(state["has_gauss"]),
-            float(state["cached"]),
-        )
-    )
-
-
-def _target(net: nn.Module) -> nn.Module:
-    """The wrapped module of an Opacus GradSampleModule, else the module itself."""
-    inner = getattr(net, "_module", None)
-    return inner if isinstance(inner, nn.Module) else net
-
-
-def _plain_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in _target(net).state_dict().items()}

@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from fedsynth.client.app import setup_site_logging
-from fedsynth.client.site_round import (
-    DiskStore,
-    MemoryStore,
-    SiteError,
-    SiteSettings,
-    evaluate_round,
-    train_round,
-)
+from fedsynth.client.site_round import evaluate_round, train_round
+from fedsynth.client.site_settings import SiteError, SiteSettings
+from fedsynth.client.state_store import DiskStore, MemoryStore
 from fedsynth.common.config import RunConfig, dumps_config
 from fedsynth.common.data.datasets import PairedSlices, training_set
 from fedsynth.common.data.site import load_site
@@ -27,7 +22,7 @@ from fedsynth.common.messages import SHARED_NETS, RoundInstruction, flatten
 from fedsynth.common.models import define_cyclegan
 from fedsynth.common.training.trainer import CycleGANTrainer
 from fedsynth.simulations.engines.inprocess import phantom_sites, tiny_config
-from tests.client.test_trainer import SIZE, TINY, _batches, _training
+from tests.common.test_trainer import SIZE, TINY, _batches, _training
 
 
 def _generator_shift(trainer: CycleGANTrainer, start: dict[str, torch.Tensor]) -> float:

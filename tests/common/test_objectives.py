@@ -27,7 +27,8 @@ from fedsynth.common.losses import (
 )
 from fedsynth.common.privacy.plan import plan_noise
 from fedsynth.common.training.objectives import Examples, generator_objective, merge_metrics
-from fedsynth.common.training.trainer import CycleGANTrainer, _target
+from fedsynth.common.training.state import unwrap as _target
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, d_layers=1, registration_filters=4)
 SIZE = 16

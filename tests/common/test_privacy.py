@@ -23,7 +23,8 @@ from fedsynth.common.models import define_cyclegan
 from fedsynth.common.privacy.accounting import RDP_ORDERS, SiteAccountant, patient_epsilon
 from fedsynth.common.privacy.grad_samplers import conv2d_grad_sample, conv_transpose2d_grad_sample
 from fedsynth.common.privacy.plan import BudgetSpentError, NoisePlan, check_budget, plan_noise
-from fedsynth.common.training.trainer import CycleGANTrainer, _target
+from fedsynth.common.training.state import unwrap
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, d_layers=1)
 SIZE = 16
@@ -229,7 +230,7 @@ def test_every_trainable_parameter_is_under_per_sample_processing() -> None:
         assert isinstance(net, GradSampleModule), name
         optimizer = private.optimizers[name]
         assert isinstance(optimizer, DPOptimizer), name
-        trainable = [p for p in _target(net).parameters() if p.requires_grad]
+        trainable = [p for p in unwrap(net).parameters() if p.requires_grad]
         assert {id(p) for p in optimizer.params} == {id(p) for p in trainable}, name
         assert optimizer.noise_multiplier == private.plan.noise_multiplier  # type: ignore[union-attr]
         optimizer.attach_step_hook(hook(name))
@@ -243,12 +244,12 @@ def test_dp_turns_the_image_pool_off_and_an_empty_batch_still_noises() -> None:
     private = _private(_privacy(noise_multiplier=1.0), pool_size=50)
     assert all(pool.size == 0 for pool in private.pools.values())
     before = {
-        n: [p.detach().clone() for p in _target(m).parameters()] for n, m in private.nets.items()
+        n: [p.detach().clone() for p in unwrap(m).parameters()] for n, m in private.nets.items()
     }
     private.train_step({"a": torch.zeros(0, 1, SIZE, SIZE), "b": torch.zeros(0, 1, SIZE, SIZE)})
     assert private.accountant is not None and private.accountant.steps == 1
     for name, net in private.nets.items():
-        after = list(_target(net).parameters())
+        after = list(unwrap(net).parameters())
         assert any(not torch.equal(x, y) for x, y in zip(before[name], after, strict=True)), name
 
 
@@ -381,7 +382,7 @@ def test_fedprox_term_is_added_to_the_private_gradient_after_the_noise() -> None
         private = _private(_privacy(noise_multiplier=0.5))
         private.set_proximal(proximal)
         with torch.no_grad():  # move G_AB away from the round's weights, the same way each time
-            for p in _target(private.nets["g_ab"]).parameters():
+            for p in unwrap(private.nets["g_ab"]).parameters():
                 p.add_(0.01)
         optimizer = private.optimizers["g_ab"]
         assert isinstance(optimizer, DPOptimizer)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fedsynth.common.config import ModelConfig, TrainingConfig
-from fedsynth.common.training.trainer import CycleGANTrainer, ImagePool, linear_decay
+from fedsynth.common.training.pool import ImagePool
+from fedsynth.common.training.schedule import linear_decay
+from fedsynth.common.training.trainer import CycleGANTrainer
 
 TINY = ModelConfig(ngf=8, n_blocks=1, ndf=8, d_layers=1)
 SIZE = 32

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsynth.client.site_round import SiteSettings
+from fedsynth.client.site_settings import SiteSettings
 from fedsynth.common.data.datasets import UnpairedSlices
 from fedsynth.common.data.site import load_site
 from fedsynth.common.metrics import to_unit
