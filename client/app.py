@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.audit import record_outgoing
+from fedsynth.client.instruction import complete
 from fedsynth.client.site_round import evaluate_round, train_round
 from fedsynth.client.site_settings import SiteError, SiteSettings
 from fedsynth.client.state_store import DiskStore, MemoryStore, StateStore
@@ -56,6 +57,10 @@ class ContextStore(MemoryStore):
 
     def save(self, run_key: str, round_number: int, blob: bytes) -> None:
         super().save(run_key, round_number, blob)
+        self.context.state[STATE_RECORD] = ConfigRecord(dict(self.blobs))
+
+    def save_config(self, run_key: str, digest: str, text: str) -> None:
+        super().save_config(run_key, digest, text)
         self.context.state[STATE_RECORD] = ConfigRecord(dict(self.blobs))
 
 
@@ -143,21 +148,21 @@ def _in_order(
 
 def _received(
     msg: Message, context: Context
-) -> tuple[SiteSettings, RoundInstruction, dict[str, torch.Tensor]]:
-    """The site's own settings (its log set up), the coordinator's instruction and weights."""
+) -> tuple[SiteSettings, RoundInstruction, dict[str, torch.Tensor], StateStore]:
+    """The site's own settings (its log set up), the coordinator's instruction (completed with
+    the run's configuration, :mod:`fedsynth.client.instruction`), its weights, the site's store."""
     settings = SiteSettings.from_configs(context.node_config, context.run_config)
     setup_site_logging(settings.state_dir)
-    instruction = _instruction(msg)
-    return settings, instruction, _global_state(msg, instruction)
+    store = _store(settings, context)
+    instruction = complete(_instruction(msg), store)
+    return settings, instruction, _global_state(msg, instruction), store
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
-        settings, instruction, global_state = _received(msg, context)
-        shared, metrics = train_round(
-            settings, instruction, global_state, _store(settings, context)
-        )
+        settings, instruction, global_state, store = _received(msg, context)
+        shared, metrics = train_round(settings, instruction, global_state, store)
         content = RecordDict(
             {
                 ARRAYS: to_record(_in_order(shared, global_state), instruction.wire_dtype),
@@ -172,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        settings, instruction, global_state = _received(msg, context)
+        settings, instruction, global_state, _ = _received(msg, context)
         metrics = evaluate_round(settings, instruction, global_state)
         return Message(RecordDict({METRICS: metrics_record(metrics)}), reply_to=msg)
     except Exception as exc:

@@ -1,7 +1,9 @@
 """Where a site keeps its trainer state between rounds: on disk, or in memory (simulation).
 
 A site keeps one state per round it trained (the last three), so that a coordinator that crashed
-mid-round and resumed from the previous round finds the state that round started from.
+mid-round and resumed from the previous round finds the state that round started from. It also
+keeps the run's configuration, by digest, once the coordinator has sent it
+(:mod:`fedsynth.client.instruction`), so later instructions need not carry it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from fedsynth.common.io import atomic_path
+from fedsynth.common.io import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +26,14 @@ class StateStore(Protocol):
 
     def save(self, run_key: str, round_number: int, blob: bytes) -> None: ...
 
+    def load_config(self, run_key: str, digest: str) -> str | None: ...
+
+    def save_config(self, run_key: str, digest: str, text: str) -> None: ...
+
 
 class DiskStore:
-    """``<state_dir>/<run_key>/state-round-NNNN.pt``, written atomically, the last few kept."""
+    """``<state_dir>/<run_key>/state-round-NNNN.pt``, written atomically, the last few kept; the
+    run's configuration beside them as ``config-<digest>.toml``."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -53,6 +60,13 @@ class DiskStore:
             path.unlink(missing_ok=True)
             logger.debug("dropped old state of round %d", number)
 
+    def load_config(self, run_key: str, digest: str) -> str | None:
+        path = self.root / run_key / f"config-{digest}.toml"
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def save_config(self, run_key: str, digest: str, text: str) -> None:
+        atomic_write_text(self.root / run_key / f"config-{digest}.toml", text)
+
 
 class MemoryStore:
     """A dict of bytes (the Flower ``context.state`` of a simulated node wraps one)."""
@@ -75,3 +89,10 @@ class MemoryStore:
         )
         for _, key in mine[:-KEEP_STATES]:
             del self.blobs[key]
+
+    def load_config(self, run_key: str, digest: str) -> str | None:
+        blob = self.blobs.get(f"config/{run_key}/{digest}")
+        return None if blob is None else blob.decode("utf-8")
+
+    def save_config(self, run_key: str, digest: str, text: str) -> None:
+        self.blobs[f"config/{run_key}/{digest}"] = text.encode("utf-8")

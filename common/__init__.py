@@ -1,8 +1,14 @@
-"""fedsynth.common: what the hospital client and the coordinator both need.
+"""fedsynth.common: what the hospitals and the coordinator both need.
 
-Configuration models, site data discovery and preprocessing, the built-in brain phantom,
-networks, losses, metrics and weight I/O. Nothing here imports from ``client``, ``server``
-or ``simulations``.
+- ``config/`` (the run's settings and their layers), ``data/`` (a site's scans: discovery,
+  bounded reading, preprocessing, datasets), ``phantom/`` (the built-in brain phantom);
+- ``models/``, ``losses.py``, ``training/`` (the CycleGAN trainer: the sites train with it, the
+  coordinator trains its warm start with it), ``privacy/`` (DP-SGD, noise plans, accounting);
+- ``metrics/``, ``baselines.py``, ``evaluation.py``, ``checkpoint.py``, ``synthesis.py``;
+- ``messages.py`` and ``wire.py`` (what travels), ``flower_processes.py`` and ``flower_waits.py``
+  (Flower's processes), ``io.py``, ``logs.py``, ``device.py``, ``cli.py``.
+
+Nothing here imports from ``fedsynth.client``, ``fedsynth.server`` or ``fedsynth.simulations``.
 
 Importing it switches off Flower's telemetry and update check for this process (and the
 processes it starts) unless the operator chose otherwise: Flower reads the first once, when its

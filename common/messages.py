@@ -1,32 +1,36 @@
 """What travels between the coordinator and a hospital, in one place both sides import.
 
-A train instruction carries the global networks (``arrays``) and the round's settings (``config``,
-which includes the coordinator's resolved run configuration as TOML, so every site trains the same
-model on the same preprocessing). A site's reply carries its update (trained weights minus the
-weights it received, :func:`update_from`) and scalar metrics only. Sending the update rather than
-the weights is what makes half precision on the wire safe: a step much smaller than a weight
-survives rounding to float16/bfloat16 as an update, but would vanish if the weight itself were
-rounded. The coordinator adds the updates to its float32 master weights (:func:`apply_update`),
-like mixed-precision training keeps float32 master weights. :func:`audit_reply` states the rule a
-reply must follow, and the coordinator applies it to every reply before looking at the weights:
-only the shared state, packed as numbers in the order the coordinator sent it, and the
-whitelisted metric names; never text, never an image-shaped array.
+A train instruction carries the global networks (``arrays``) and the round's instruction
+(``config``, :class:`RoundInstruction`): what changes from round to round, and the coordinator's
+resolved run configuration by its SHA-256, so every site trains the same model on the same
+preprocessing. The configuration's TOML itself travels only to a site that has not yet shown it
+holds it (its first message of the run, or the one after a failed reply). A site's reply carries its
+update (trained weights minus the weights it received, :func:`update_from`) and scalar metrics only.
+Sending the update rather than the weights is what makes half precision on the wire safe: a step
+much smaller than a weight survives rounding to float16/bfloat16 as an update, but would vanish if
+the weight itself were rounded. The coordinator adds the updates to its float32 master weights
+(:func:`apply_update`), like mixed-precision training keeps float32 master weights.
+:func:`audit_reply` states the rule a reply must follow, and the coordinator applies it to every
+reply before looking at the weights: only the shared state, packed as numbers in the order the
+coordinator sent it, and the whitelisted metric names; never text, never an image-shaped array.
 
 Network parameters are flattened to ``"<net>.<param>"`` keys (``g_ab.model.1.weight``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedsynth.common.config import RunConfig, loads_config
+from fedsynth.common.config import FederationConfig, RunConfig, loads_config
 from fedsynth.common.wire import LAYOUT, layout_of, pack, packed_problems, read_layout, unpack
 
 SITE_ERROR = 100  # a site declined the round for a reason it states (no path, no subject)
@@ -84,32 +88,39 @@ EVALUATE_METRICS = frozenset(
 )
 
 
+def config_digest(text: str) -> str:
+    """The SHA-256 of a resolved configuration's TOML, by which an instruction names it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class RoundInstruction:
-    """The coordinator's request for one round (travels as a ``ConfigRecord``)."""
+    """The coordinator's request for one round (travels as a ``ConfigRecord``).
+
+    Only what changes from round to round travels each time: the round and the sites' learning
+    rate. The run's resolved configuration (TOML) travels by content: ``config_digest`` always,
+    ``run_config`` only to a site the coordinator does not know to hold it; the site keeps it
+    and fills it in (:mod:`fedsynth.client.instruction`). The rest of a round's settings (local
+    epochs or steps, the FedProx weight, what is shared, the wire precision) is read from that
+    configuration, so nothing travels twice.
+    """
 
     round: int
     lr: float
-    local_epochs: int
-    local_steps: int  # 0: train local_epochs epochs
-    proximal_mu: float
-    share: str
-    wire_dtype: str
     run_key: str
-    run_config: str  # resolved configuration, TOML
+    config_digest: str
+    run_config: str = ""  # resolved configuration, TOML; "" when the site holds it already
 
     def to_record(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "round": self.round,
             "lr": self.lr,
-            "local-epochs": self.local_epochs,
-            "local-steps": self.local_steps,
-            "proximal-mu": self.proximal_mu,
-            "share": self.share,
-            "wire-dtype": self.wire_dtype,
             "run-key": self.run_key,
-            "run-config": self.run_config,
+            "config-digest": self.config_digest,
         }
+        if self.run_config:
+            record["run-config"] = self.run_config
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundInstruction:
@@ -117,19 +128,48 @@ class RoundInstruction:
             return cls(
                 round=int(record["round"]),
                 lr=float(record["lr"]),
-                local_epochs=int(record["local-epochs"]),
-                local_steps=int(record["local-steps"]),
-                proximal_mu=float(record["proximal-mu"]),
-                share=str(record["share"]),
-                wire_dtype=str(record["wire-dtype"]),
                 run_key=str(record["run-key"]),
-                run_config=str(record["run-config"]),
+                config_digest=str(record["config-digest"]),
+                run_config=str(record.get("run-config", "")),
             )
         except KeyError as exc:
             raise ValueError(f"the coordinator's instruction lacks {exc.args[0]!r}") from None
 
     def config(self) -> RunConfig:
+        """The run's configuration, parsed afresh (the caller may change its copy)."""
+        if not self.run_config:
+            raise ValueError(
+                f"the instruction names configuration {self.config_digest[:12]} but does not "
+                "carry it: the site must fill it in from what it holds"
+            )
         return loads_config(self.run_config, "coordinator")
+
+    @cached_property
+    def _federation(self) -> FederationConfig:
+        return self.config().federation
+
+    @property
+    def local_epochs(self) -> int:
+        return self._federation.local_epochs
+
+    @property
+    def local_steps(self) -> int:
+        """Steps of the round; 0: train ``local_epochs`` epochs."""
+        return self._federation.local_steps or 0
+
+    @property
+    def proximal_mu(self) -> float:
+        """The FedProx weight: ``federation.proximal_mu`` under ``strategy = "fedprox"``, else 0."""
+        fed = self._federation
+        return fed.proximal_mu if fed.strategy == "fedprox" else 0.0
+
+    @property
+    def share(self) -> str:
+        return self._federation.share
+
+    @property
+    def wire_dtype(self) -> str:
+        return self._federation.wire_dtype
 
 
 def flatten(nets: Mapping[str, torch.nn.Module], names: Iterable[str]) -> dict[str, torch.Tensor]:

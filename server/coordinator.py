@@ -339,7 +339,9 @@ class Coordinator:
         instruction = round_instruction(
             self.config, round_number, run_key=self.run_key, config_text=self.config_text
         )
-        return self.sites.exchange(nodes, kind, round_number, instruction, self.state)
+        return self.sites.exchange(
+            nodes, kind, round_number, instruction, self.state, self.config_text
+        )
 
     def _accept(self, replies: TrainReplies, round_number: int) -> TrainReplies:
         """Take in the screened updates (their sites, their epsilons) and stop the run when a

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from fedsynth.common.messages import (
     RoundInstruction,
     apply_update,
     audit_reply,
+    config_digest,
     from_record,
     record_bytes,
     scalar_metrics,
@@ -66,18 +67,15 @@ class TrainReplies:
 def round_instruction(
     config: RunConfig, round_number: int, *, run_key: str, config_text: str
 ) -> RoundInstruction:
-    """What every site is told each round (train and evaluate alike), beside the networks."""
-    fed = config.federation
+    """What every site is told each round (train and evaluate alike), beside the networks.
+
+    The configuration goes by its digest; :meth:`SiteExchange.exchange` adds the text itself
+    for the sites that do not hold it yet."""
     return RoundInstruction(
         round=round_number,
-        lr=config.site_lr * fed.round_lr_factor(round_number, config.training),
-        local_epochs=fed.local_epochs,
-        local_steps=fed.local_steps or 0,
-        proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0,
-        share=fed.share,
-        wire_dtype=fed.wire_dtype,
+        lr=config.site_lr * config.federation.round_lr_factor(round_number, config.training),
         run_key=run_key,
-        run_config=config_text,
+        config_digest=config_digest(config_text),
     )
 
 
@@ -105,6 +103,9 @@ class SiteExchange:
         self.fed = config.federation
         self.status = status
         self.site_dirs = [s for s in site_dirs if s]
+        # Nodes that showed they hold the run's configuration (a reply without error): their
+        # instructions name it by digest only. Forgotten on any failed or missing reply.
+        self.holding: set[int] = set()
         self.names: dict[int, str] = {}
         self.admitted = (
             None
@@ -223,14 +224,25 @@ class SiteExchange:
         round_number: int,
         instruction: RoundInstruction,
         state: State,
+        config_text: str,
     ) -> Exchange:
         """Send ``state`` and ``instruction`` to ``nodes`` (``kind`` "train" or "evaluate") and
-        collect their replies until all are in or ``round_timeout_s`` passes."""
+        collect their replies until all are in or ``round_timeout_s`` passes.
+
+        A node not known to hold the configuration (``config_text``, named by the instruction's
+        digest) gets it in its instruction."""
         arrays = to_record(state, self.fed.wire_dtype, layout=True)
         down = record_bytes(arrays)
+        full = replace(instruction, run_config=config_text).to_record()
+        lean = instruction.to_record()
         messages = [
             Message(
-                RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instruction.to_record())}),
+                RecordDict(
+                    {
+                        ARRAYS: arrays,
+                        CONFIG: ConfigRecord(lean if node in self.holding else full),
+                    }
+                ),
                 dst_node_id=node,
                 message_type=MessageType.TRAIN if kind == "train" else MessageType.EVALUATE,
                 group_id=f"{kind}-{round_number}",
@@ -252,6 +264,12 @@ class SiteExchange:
             )
         self._collect(result, pending, nodes, kind, round_number)
         result.missing = set(pending.values()) | undelivered
+        for node in nodes:
+            reply = result.replies.get(node)
+            if reply is not None and not reply.has_error():
+                self.holding.add(node)
+            else:
+                self.holding.discard(node)
         return result
 
     def _collect(

@@ -18,7 +18,7 @@ from fedsynth.common.data.datasets import PairedSlices, training_set
 from fedsynth.common.data.site import load_site
 from fedsynth.common.data.validation import hold_out, validation_pairs, validation_slices
 from fedsynth.common.evaluation import evaluate_pairs
-from fedsynth.common.messages import SHARED_NETS, RoundInstruction, flatten
+from fedsynth.common.messages import SHARED_NETS, RoundInstruction, config_digest, flatten
 from fedsynth.common.models import define_cyclegan
 from fedsynth.common.training.trainer import CycleGANTrainer
 from fedsynth.simulations.engines.inprocess import phantom_sites, tiny_config
@@ -158,16 +158,13 @@ def phantom_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _instruction(config: RunConfig) -> RoundInstruction:
+    text = dumps_config(config)  # one local epoch, generators shared, float32 (the defaults)
     return RoundInstruction(
         round=1,
         lr=config.training.lr,
-        local_epochs=1,
-        local_steps=0,
-        proximal_mu=0.0,
-        share="generators",
-        wire_dtype="float32",
         run_key="validation-test",
-        run_config=dumps_config(config),
+        config_digest=config_digest(text),
+        run_config=text,
     )
 
 
