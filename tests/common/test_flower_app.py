@@ -50,7 +50,7 @@ def test_waiting_for_a_run_reads_its_status_in_process(monkeypatch: pytest.Monke
     """No `flwr ls` process per poll: the status comes from one in-process Control API client."""
     import subprocess
 
-    from fedsynth.common import flower
+    from fedsynth.common import flower_processes
 
     def no_process(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"a process was started: {args}")
@@ -67,7 +67,7 @@ def test_waiting_for_a_run_reads_its_status_in_process(monkeypatch: pytest.Monke
             Reader.asked += 1
             return next(answers)
 
-    status = flower.wait_run(7, Reader(), timeout=5.0, poll=0.0)  # type: ignore[arg-type]
+    status = flower_processes.wait_run(7, Reader(), timeout=5.0, poll=0.0)  # type: ignore[arg-type]
     assert status == "finished:completed" and Reader.asked == 4
-    with pytest.raises(flower.FlowerError, match="not finished"):
-        flower.wait_run(7, Reader(), timeout=0.0)  # type: ignore[arg-type]
+    with pytest.raises(flower_processes.FlowerError, match="not finished"):
+        flower_processes.wait_run(7, Reader(), timeout=0.0)  # type: ignore[arg-type]
