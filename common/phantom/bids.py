@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedsynth.common import __version__
-from fedsynth.common.io import atomic_write_bytes_default_mode
+from fedsynth.common.io import AS_OPEN, atomic_write_bytes
 from fedsynth.common.modalities import Modality
 from fedsynth.common.phantom.physics import _AIR_HU, _GD_R1, LABELS, TissueParams
 from fedsynth.common.phantom.scanner import SiteScanner
@@ -48,7 +48,7 @@ def _write_nifti(
     image.set_sform(affine, code=1)
     image.header["descrip"] = GENERATOR_NAME.encode()
     compressed = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-    atomic_write_bytes_default_mode(path, compressed)
+    atomic_write_bytes(path, compressed, AS_OPEN)
 
 
 class _Writer:
@@ -69,7 +69,7 @@ class _Writer:
         self._submit(self._pool.submit(_write_nifti, path, data, affine, on_disk))
 
     def raw(self, path: Path, data: bytes) -> None:
-        self._submit(self._pool.submit(atomic_write_bytes_default_mode, path, data))
+        self._submit(self._pool.submit(atomic_write_bytes, path, data, AS_OPEN))
 
     def _submit(self, future: Future[None]) -> None:
         self._pending.append(future)
@@ -189,7 +189,7 @@ def _write_site_metadata(writer: _Writer, site_dir: Path, site: int, seed: int) 
     derivatives = _derivatives_dir(site_dir)
     derivatives.mkdir(parents=True, exist_ok=True)
     # Written first (synchronously): it marks the folder as a phantom site for overwrite=True.
-    atomic_write_bytes_default_mode(
+    atomic_write_bytes(
         site_dir / "dataset_description.json",
         _json_bytes(
             {
@@ -199,6 +199,7 @@ def _write_site_metadata(writer: _Writer, site_dir: Path, site: int, seed: int) 
                 "GeneratedBy": generated_by,
             }
         ),
+        AS_OPEN,
     )
     writer.raw(
         site_dir / "participants.json",
