@@ -116,6 +116,11 @@ def test_site_logging_reaches_stderr_and_the_state_folder(
     names = ("fedsynth.client", "fedsynth.common")
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
     try:
+        # A fresh ClientApp process: no site handler yet (an earlier test's in-process sites may
+        # have left one on a stderr that pytest has captured and replaced since).
+        for name in names:
+            target = logging.getLogger(name)
+            target.handlers[:] = [h for h in target.handlers if not getattr(h, "fedsynth_site", 0)]
         setup_site_logging(tmp_path / "a")
         setup_site_logging(tmp_path / "a")  # every round calls it: no second handler
         logging.getLogger("fedsynth.client.site_round").info("round 3: step 10/40")
