@@ -136,7 +136,12 @@ class RoundInstruction:
             raise ValueError(f"the coordinator's instruction lacks {exc.args[0]!r}") from None
 
     def config(self) -> RunConfig:
-        """The run's configuration, parsed afresh (the caller may change its copy)."""
+        """The run's configuration, a copy of its own for the caller to change."""
+        return self._parsed.model_copy(deep=True)
+
+    @cached_property
+    def _parsed(self) -> RunConfig:
+        """The configuration, parsed once per instruction (a site reads it several times)."""
         if not self.run_config:
             raise ValueError(
                 f"the instruction names configuration {self.config_digest[:12]} but does not "
@@ -144,9 +149,9 @@ class RoundInstruction:
             )
         return loads_config(self.run_config, "coordinator")
 
-    @cached_property
+    @property
     def _federation(self) -> FederationConfig:
-        return self.config().federation
+        return self._parsed.federation
 
     @property
     def local_epochs(self) -> int:
